@@ -1,0 +1,87 @@
+"""Every collective seqpar issues goes through here, so it can be counted.
+
+`count_comm()` records each call and the bytes this rank sends; tests assert the counts
+against each algorithm's definition, and `seqpar bench` reports them against theory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# Distinct tags keep the K/V stream and the dK/dV stream of ring backward apart on
+# backends that match point-to-point messages by (peer, tag), like gloo.
+TAG_KV = 0
+TAG_DKV = 1
+
+
+@dataclass
+class CommCounter:
+    calls: Counter = field(default_factory=Counter)
+    bytes_sent: Counter = field(default_factory=Counter)
+
+    def add(self, op: str, nbytes: int) -> None:
+        self.calls[op] += 1
+        self.bytes_sent[op] += int(nbytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_sent.values())
+
+
+_counters: list[CommCounter] = []
+
+
+@contextlib.contextmanager
+def count_comm():
+    """Count the collectives issued inside the block (by this process)."""
+    counter = CommCounter()
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.remove(counter)
+
+
+def _record(op: str, nbytes: int) -> None:
+    for counter in _counters:
+        counter.add(op, nbytes)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group, tag: int = TAG_KV):
+    """Start sending `send` to the next rank of `group` and receiving `recv` from the
+    previous one; returns the requests to wait on. Shapes and dtypes must match on all
+    ranks (gloo pairs messages blindly)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ops = [
+        dist.P2POp(dist.isend, send, group=group, group_peer=(rank + 1) % world, tag=tag),
+        dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - 1) % world, tag=tag),
+    ]
+    _record("p2p", nbytes(send))
+    return dist.batch_isend_irecv(ops)
+
+
+def wait_all(requests) -> None:
+    for req in requests or ():
+        req.wait()
+
+
+def all_to_all(output: torch.Tensor, input: torch.Tensor, group) -> None:
+    """all_to_all_single over dim 0 (equal splits); counts what leaves this rank."""
+    world = dist.get_world_size(group)
+    _record("all_to_all", nbytes(input) * (world - 1) // world)
+    dist.all_to_all_single(output, input, group=group)
+
+
+def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor, group) -> None:
+    world = dist.get_world_size(group)
+    _record("all_gather", nbytes(tensor) * (world - 1))
+    dist.all_gather(parts, tensor.contiguous(), group=group)
