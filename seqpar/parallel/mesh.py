@@ -83,10 +83,13 @@ def init_mesh(sp_size: int, ulysses_size: int = 1) -> SeqParallelMesh:
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device, (world // sp_size, ring_size, ulysses_size),
                             mesh_dim_names=("dp", "ring", "ulysses"))
-    sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
+    # The SP group (ring x Ulysses) is made with new_subgroups_by_enumeration rather than
+    # DeviceMesh._flatten: a flattened gloo group aborts the process at exit (torch 2.13).
+    sp_group, _ = dist.new_subgroups_by_enumeration(
+        [row.flatten().tolist() for row in mesh.mesh.reshape(-1, sp_size)])
     return SeqParallelMesh(
         device_mesh=mesh, dp_size=world // sp_size, sp_size=sp_size, ring_size=ring_size,
-        ulysses_size=ulysses_size, dp_group=mesh.get_group("dp"), sp_group=sp_mesh.get_group(),
+        ulysses_size=ulysses_size, dp_group=mesh.get_group("dp"), sp_group=sp_group,
         ring_group=mesh.get_group("ring"), ulysses_group=mesh.get_group("ulysses"))
 
 

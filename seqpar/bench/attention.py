@@ -1,0 +1,501 @@
+"""``seqpar bench attention``: time, traffic and peak memory of ring / Ulysses / hybrid
+attention on W spawned processes, against one process doing the whole sequence.
+
+    seqpar bench attention --algo ring,ulysses,hybrid --world-size 4 --seq-len 4096
+
+For each algorithm, W ranks are spawned (`seqpar.parallel.spawn.run_distributed`; gloo
+on the CPU, or nccl with one GPU per rank for ``device="cuda"``). Every rank builds the
+random q/k/v (and output gradient) of the FULL sequence from a fixed seed, keeps its
+`shard` under the layout, and runs ``warmup + iters`` forward+backward passes of the
+algorithm, each after a ``dist.barrier()`` and timed with ``time.perf_counter`` (on CUDA
+after a synchronize). Reported:
+
+- time: the median seconds per forward+backward over the timed iterations of each
+  rank, then the maximum over ranks (the slowest rank sets the step time);
+- traffic: bytes this rank sent, counted by `seqpar.parallel.count_comm` around the
+  forward and around the backward of the first pass (the counters are filled by the
+  communication calls themselves), next to `seqpar.parallel.volume.expected_comm`;
+- peak memory: see `PeakMemory`.
+
+The baseline (world size 1, unless disabled) is one spawned process running
+`seqpar.ops.attention` on the whole sequence with the same shapes, dtype and mask; rows
+report parallel time / single time and per-rank peak memory / single-process peak.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+from ..errors import SeqparError
+
+ALGOS = ("ring", "ulysses", "hybrid")
+SINGLE = "single"  # the world-size-1 baseline row
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("cpu", "cuda")
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One ``seqpar bench attention`` invocation (the CLI flags, validated by `validate`)."""
+
+    algos: tuple = ("ring",)
+    world_size: int = 2
+    seq_len: int = 4096
+    ulysses_size: int = 2  # hybrid only: ring size = world_size / ulysses_size
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    layout: str = "zigzag"
+    causal: bool = True
+    iters: int = 3
+    warmup: int = 1
+    baseline: bool = True
+    device: str = "cpu"
+    seed: int = 0
+    timeout: float = 3600.0  # seconds, per spawned run
+
+
+def parse_algos(text) -> tuple:
+    """'ring,ulysses' -> ('ring', 'ulysses'): order kept, duplicates dropped."""
+    names = [text] if isinstance(text, str) else list(text)
+    algos = []
+    for part in ",".join(names).split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if name not in ALGOS:
+            raise SeqparError(
+                f"unknown --algo {name!r}; choose from {', '.join(ALGOS)} (comma-separated to "
+                f"compare several, e.g. --algo ring,ulysses).")
+        if name not in algos:
+            algos.append(name)
+    if not algos:
+        raise SeqparError(f"--algo is empty; give one or more of {', '.join(ALGOS)}, comma-separated.")
+    return tuple(algos)
+
+
+def ulysses_size_for(algo: str, cfg: BenchConfig) -> int:
+    """Size of the Ulysses (all-to-all) group of `algo`; the rest of W is the ring."""
+    return {"ring": 1, "ulysses": cfg.world_size, "hybrid": cfg.ulysses_size, SINGLE: 1}[algo]
+
+
+def _check_heads(cfg: BenchConfig, u: int, what: str) -> None:
+    """Ulysses over `u` ranks splits heads: q heads by u, K/V heads by u or copied."""
+    if u <= 1:
+        return
+    if cfg.heads % u != 0:
+        raise SeqparError(
+            f"--heads {cfg.heads} is not divisible by the Ulysses size {u} ({what}); Ulysses "
+            f"gives each rank heads/{u} heads, so choose --heads a multiple of {u} or a smaller "
+            f"Ulysses size that divides {cfg.heads}.")
+    if cfg.kv_heads % u != 0 and u % cfg.kv_heads != 0:
+        raise SeqparError(
+            f"--kv-heads {cfg.kv_heads} cannot be split over the Ulysses size {u} ({what}): one "
+            f"must divide the other; choose --kv-heads a multiple or a divisor of {u}.")
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Raise SeqparError (naming the flag to change) for any invalid configuration.
+
+    Runs in the parent before anything is spawned."""
+    parse_algos(cfg.algos)
+    for flag, value, low in (("--world-size", cfg.world_size, 1), ("--seq-len", cfg.seq_len, 1),
+                             ("--batch", cfg.batch, 1), ("--heads", cfg.heads, 1),
+                             ("--kv-heads", cfg.kv_heads, 1), ("--head-dim", cfg.head_dim, 1),
+                             ("--iters", cfg.iters, 1), ("--warmup", cfg.warmup, 0),
+                             ("--ulysses-size", cfg.ulysses_size, 1)):
+        if not isinstance(value, int) or value < low:
+            raise SeqparError(f"{flag} must be an integer >= {low}; got {value!r}.")
+    if cfg.timeout <= 0:
+        raise SeqparError(f"--timeout must be > 0 seconds; got {cfg.timeout}.")
+    if cfg.dtype not in DTYPES:
+        raise SeqparError(f"--dtype {cfg.dtype!r} is not supported; choose {' or '.join(DTYPES)}.")
+    if cfg.device not in DEVICES:
+        raise SeqparError(f"--device {cfg.device!r} is not supported; choose {' or '.join(DEVICES)}.")
+    from ..parallel.layout import LAYOUTS
+    if cfg.layout not in LAYOUTS:
+        raise SeqparError(f"unknown --layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}.")
+    if cfg.heads % cfg.kv_heads != 0:
+        raise SeqparError(
+            f"--heads {cfg.heads} must be a multiple of --kv-heads {cfg.kv_heads} (GQA/MQA "
+            f"shares each K/V head among heads/kv_heads query heads).")
+    w, s = cfg.world_size, cfg.seq_len
+    multiple = 2 * w if cfg.layout == "zigzag" else w
+    if s % multiple != 0:
+        need = f"2 x --world-size = {multiple}" if cfg.layout == "zigzag" else f"--world-size = {w}"
+        fix = -(-s // multiple) * multiple
+        raise SeqparError(
+            f"--seq-len {s} is not divisible by {need}, which --layout {cfg.layout} needs; use a "
+            f"multiple of {multiple} (e.g. --seq-len {fix}) or another --world-size.")
+    for algo in parse_algos(cfg.algos):
+        if algo == "ulysses":
+            _check_heads(cfg, w, "--algo ulysses uses all --world-size ranks")
+        elif algo == "hybrid":
+            u = cfg.ulysses_size
+            if w % u != 0:
+                divisors = [d for d in range(1, w + 1) if w % d == 0]
+                raise SeqparError(
+                    f"--world-size {w} is not divisible by --ulysses-size {u}; hybrid runs "
+                    f"ulysses_size x ring_size ranks, so choose --ulysses-size from {divisors}.")
+            _check_heads(cfg, u, "--ulysses-size of --algo hybrid")
+            if cfg.layout == "stripe" and 1 < u < w:
+                raise SeqparError(
+                    "--algo hybrid does not compose with --layout stripe; use --layout zigzag "
+                    "or contiguous.")
+    if cfg.device == "cuda":
+        import torch
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < w:
+            raise SeqparError(
+                f"--device cuda needs one GPU per rank: --world-size {w} but {have} visible; "
+                f"lower --world-size or use --device cpu.")
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (/proc/self/statm, field 2)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int | None:
+    """Peak RSS of this process's address space (VmHWM of /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak extra memory of the benchmarked work on one rank.
+
+    CUDA: ``torch.cuda.memory_allocated()`` at `start` is the baseline;
+    `reset_peak` calls ``torch.cuda.reset_peak_memory_stats()``; the result is
+    ``torch.cuda.max_memory_allocated() - baseline`` (bytes of tensors, not the
+    caching allocator's reserve).
+
+    CPU: the baseline is the current RSS read from ``/proc/self/statm`` right after the
+    process group (and mesh) are set up and BEFORE the inputs are allocated; the result is
+    the peak RSS afterwards minus that baseline, so it includes this rank's input shards,
+    activations, gradients and communication buffers.
+
+    The peak RSS is read as ``VmHWM`` from ``/proc/self/status``, not from
+    ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: in a process started by spawn
+    (fork + exec), Linux carries the forking parent's RSS high-water mark into
+    ``ru_maxrss`` (checked: a parent holding 1.5 GB gives a fresh child that
+    ru_maxrss at start, hiding all of the child's own work), while ``VmHWM`` belongs
+    to the child's own address space. ``ru_maxrss`` (KiB on Linux) is the fallback
+    where ``/proc/self/status`` has no VmHWM, and is reported alongside.
+
+    `reset_peak` (after the full-sequence tensors each rank builds only to cut its shard
+    have been freed) writes ``5`` to ``/proc/self/clear_refs``, which resets VmHWM to the
+    current RSS, so that benchmark-only allocation is not counted. Where the kernel
+    refuses, `peak_reset` is False and the peak may include it.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.baseline = 0
+        self.peak_reset = False
+        self.method = ""
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+            torch.cuda.synchronize(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            self.baseline = _rss_bytes()
+            self.method = "VmHWM" if _hwm_bytes() is not None else "ru_maxrss"
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.peak_reset = True
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.peak_reset = self.method == "VmHWM"
+        except OSError:
+            self.peak_reset = False
+
+    def result(self) -> dict:
+        """Peak extra bytes (and the raw readings, for the JSON)."""
+        out = {"baseline_bytes": self.baseline, "method": self.method,
+               "peak_reset": self.peak_reset}
+        if self.device.type == "cuda":
+            import torch
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            out["ru_maxrss_bytes"] = maxrss
+            hwm = _hwm_bytes()
+            out["vmhwm_bytes"] = hwm
+            peak = hwm if self.method == "VmHWM" and hwm is not None else maxrss
+        out["peak_bytes"] = peak
+        out["peak_extra_bytes"] = max(0, peak - self.baseline)
+        return out
+
+
+# ----------------------------------------------------------------------------- ranks
+
+def _rank_work(cfg_dict: dict, algo: str) -> dict:
+    """One rank of one run (spawned by run_distributed; module-level so spawn can pickle it)."""
+    import torch
+    import torch.distributed as dist
+
+    from ..ops import attention, attention_backend
+    from ..parallel import count_comm, hybrid_attention, init_mesh, ring_attention, shard
+    from ..parallel import ulysses_attention
+
+    cfg = BenchConfig(**cfg_dict)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = (torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda"
+              else torch.device("cpu"))
+    dtype = getattr(torch, cfg.dtype)
+    causal, layout = cfg.causal, cfg.layout
+
+    mesh = None
+    if algo == SINGLE:
+        def step_fwd(q, k, v):
+            return attention(q, k, v, causal=causal)[0]
+    else:
+        mesh = init_mesh(world, ulysses_size_for(algo, cfg))
+        if algo == "ring":
+            def step_fwd(q, k, v):
+                return ring_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout)
+        elif algo == "ulysses":
+            def step_fwd(q, k, v):
+                return ulysses_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout)
+        else:
+            def step_fwd(q, k, v):
+                return hybrid_attention(q, k, v, mesh, causal=causal, layout=layout)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # Prime: one tiny, untimed, uncounted pass, so one-time process costs (lazy imports,
+    # thread pools, allocator arenas: ~40 MiB RSS on CPU) are not charged to the work.
+    tiny = (2 if layout == "zigzag" else 1) * world
+    prime = [torch.randn(cfg.batch, tiny // world if mesh is not None else tiny, h, cfg.head_dim,
+                         device=device, dtype=dtype, requires_grad=True)
+             for h in (cfg.heads, cfg.kv_heads, cfg.kv_heads)]
+    out = step_fwd(*prime)
+    out.backward(torch.ones_like(out))  # as the timed passes call it (the first such call costs RSS)
+    del prime, out
+    sync()
+
+    mem = PeakMemory(device)
+    mem.start()  # process group and mesh exist; no input allocated yet
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    q_shape = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim)
+    kv_shape = (cfg.batch, cfg.seq_len, cfg.kv_heads, cfg.head_dim)
+    full = [torch.randn(shape, generator=gen) for shape in (q_shape, kv_shape, kv_shape, q_shape)]
+    if mesh is not None:
+        full = [shard(t, mesh.sp_group, dim=1, layout=layout) for t in full]
+    q, k, v, dout = (t.to(device=device, dtype=dtype).contiguous() for t in full)
+    del full
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    mem.reset_peak()
+
+    times, comm = [], {}
+    for i in range(cfg.warmup + cfg.iters):
+        q.grad = k.grad = v.grad = None
+        dist.barrier()
+        sync()
+        t0 = time.perf_counter()
+        if i == 0:  # counting is a Counter update per call: same cost as the other passes
+            with count_comm() as fwd:
+                out = step_fwd(q, k, v)
+            with count_comm() as bwd:
+                out.backward(dout)
+            comm = {"fwd": {"calls": dict(fwd.calls), "bytes_sent": dict(fwd.bytes_sent)},
+                    "bwd": {"calls": dict(bwd.calls), "bytes_sent": dict(bwd.bytes_sent)}}
+        else:
+            out = step_fwd(q, k, v)
+            out.backward(dout)
+        sync()
+        elapsed = time.perf_counter() - t0
+        del out
+        if i >= cfg.warmup:
+            times.append(elapsed)
+    memory = mem.result()
+    return {"rank": rank, "times_s": times, "median_s": statistics.median(times),
+            "comm": comm, "memory": memory, "backend": attention_backend(),
+            "local_shape": list(q.shape)}
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _theory(algo: str, cfg: BenchConfig) -> dict:
+    from ..parallel.volume import expected_comm
+    if algo == SINGLE:
+        return {"fwd": {"calls": {}, "bytes_sent": {}}, "bwd": {"calls": {}, "bytes_sent": {}},
+                "total_bytes": 0}
+    fwd, bwd = expected_comm(
+        algo, seq_len=cfg.seq_len, batch=cfg.batch, q_heads=cfg.heads, kv_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim, elem_bytes=2 if cfg.dtype == "bfloat16" else 4,
+        sp_size=cfg.world_size, ulysses_size=ulysses_size_for(algo, cfg))
+    return {"fwd": {"calls": dict(fwd.calls), "bytes_sent": dict(fwd.bytes_sent)},
+            "bwd": {"calls": dict(bwd.calls), "bytes_sent": dict(bwd.bytes_sent)},
+            "total_bytes": fwd.total_bytes + bwd.total_bytes}
+
+
+def algo_label(algo: str, cfg: BenchConfig) -> str:
+    if algo == "hybrid":
+        u = cfg.ulysses_size
+        return f"hybrid U{u}xR{cfg.world_size // u}"
+    return algo
+
+
+def _summarize(algo: str, cfg: BenchConfig, ranks: list, wall_s: float) -> dict:
+    world = 1 if algo == SINGLE else cfg.world_size
+    sent = [sum(r["comm"]["fwd"]["bytes_sent"].values()) + sum(r["comm"]["bwd"]["bytes_sent"].values())
+            for r in ranks]
+    theory = _theory(algo, cfg)
+    peaks = [r["memory"]["peak_extra_bytes"] for r in ranks]
+    u = ulysses_size_for(algo, cfg)
+    return {
+        "algo": algo, "label": algo_label(algo, cfg) if algo != SINGLE else "single (W=1)",
+        "world_size": world, "ulysses_size": u, "ring_size": world // u,
+        "layout": cfg.layout if algo != SINGLE else None, "seq_len": cfg.seq_len,
+        "local_seq_len": ranks[0]["local_shape"][1],
+        "time_s": max(r["median_s"] for r in ranks),
+        "time_median_per_rank_s": [r["median_s"] for r in ranks],
+        "iter_times_per_rank_s": [r["times_s"] for r in ranks],
+        "bytes_sent_per_rank": max(sent), "bytes_sent_by_rank": sent,
+        "comm_by_rank": [r["comm"] for r in ranks],
+        "theoretical": theory, "bytes_theoretical_per_rank": theory["total_bytes"],
+        "measured_over_theoretical": (max(sent) / theory["total_bytes"]
+                                      if theory["total_bytes"] else None),
+        "peak_mem_bytes_per_rank": max(peaks), "peak_mem_bytes_by_rank": peaks,
+        "memory_by_rank": [r["memory"] for r in ranks],
+        "attention_backend": ranks[0]["backend"], "wall_s": wall_s,
+    }
+
+
+def _device_text(cfg: BenchConfig) -> str:
+    import torch
+    if cfg.device == "cuda":
+        return f"CUDA nccl, {cfg.world_size} x {torch.cuda.get_device_name(0)}"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return f"CPU gloo, {cores} cores, 1 torch thread per rank"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cfg: BenchConfig, log=_log) -> dict:
+    """Validate, run every algorithm (and the baseline), return all numbers."""
+    import torch
+
+    from ..ops import attention_backend
+    from ..parallel.spawn import run_distributed
+
+    cfg = replace(cfg, algos=parse_algos(cfg.algos))
+    validate(cfg)
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    started = datetime.datetime.now().astimezone()
+    rows = []
+    jobs = ([SINGLE] if cfg.baseline else []) + list(cfg.algos)
+    for algo in jobs:
+        world = 1 if algo == SINGLE else cfg.world_size
+        name = f"{algo_label(algo, cfg) if algo != SINGLE else SINGLE} W={world} S={cfg.seq_len}"
+        log(f"[bench] {name}: running...")
+        t0 = time.monotonic()
+        ranks = run_distributed(_rank_work, world, asdict(cfg), algo, timeout=cfg.timeout,
+                                backend=backend)
+        row = _summarize(algo, cfg, ranks, time.monotonic() - t0)
+        log(f"[bench] {name}: {row['time_s']:.4f} s per fwd+bwd (run took {row['wall_s']:.1f} s)")
+        rows.append(row)
+    single = next((r for r in rows if r["algo"] == SINGLE), None)
+    for row in rows:
+        row["time_ratio_vs_single"] = row["time_s"] / single["time_s"] if single else None
+        row["mem_ratio_vs_single"] = (row["peak_mem_bytes_per_rank"] / single["peak_mem_bytes_per_rank"]
+                                      if single and single["peak_mem_bytes_per_rank"] else None)
+    return {
+        "attention_backend": rows[0]["attention_backend"] if rows else attention_backend(),
+        "torch_version": torch.__version__, "device": _device_text(cfg),
+        "date": started.isoformat(timespec="seconds"),
+        "config": {**asdict(cfg), "algos": list(cfg.algos)},
+        "rows": rows,
+    }
+
+
+# ----------------------------------------------------------------------------- output
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def format_report(result: dict) -> str:
+    """Header line, configuration line, markdown table, and how the numbers were taken."""
+    cfg = result["config"]
+    head = (f"seqpar bench attention | attention backend: {result['attention_backend']} | "
+            f"torch {result['torch_version']} | {result['device']} | {result['date']}")
+    setup = (f"batch {cfg['batch']}, heads {cfg['heads']}, kv heads {cfg['kv_heads']}, head dim "
+             f"{cfg['head_dim']}, {cfg['dtype']}, {'causal' if cfg['causal'] else 'not causal'}, "
+             f"{cfg['iters']} timed iters after {cfg['warmup']} warmup")
+    cols = ["algo", "W", "layout", "seq len", "s / fwd+bwd", "time vs W=1",
+            "sent/rank MiB (measured)", "theoretical MiB", "measured/theory",
+            "peak mem/rank MiB", "mem vs W=1"]
+    lines = [head, setup, "", "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---" if i < 3 else "--:" for i in range(len(cols))) + "|"]
+    for r in result["rows"]:
+        cells = [r["label"], str(r["world_size"]), r["layout"] or "-", str(r["seq_len"]),
+                 f"{r['time_s']:.4f}", _fmt(r["time_ratio_vs_single"], ".2f"),
+                 f"{r['bytes_sent_per_rank'] / MIB:.2f}",
+                 f"{r['bytes_theoretical_per_rank'] / MIB:.2f}",
+                 _fmt(r["measured_over_theoretical"], ".3f"),
+                 f"{r['peak_mem_bytes_per_rank'] / MIB:.1f}", _fmt(r["mem_ratio_vs_single"], ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    methods = sorted({m["method"] for r in result["rows"] for m in r["memory_by_rank"]})
+    unreset = any(not m["peak_reset"] for r in result["rows"] for m in r["memory_by_rank"])
+    lines += ["", "time: median over timed iters per rank, max over ranks. sent: bytes one rank "
+              "sends in one forward + one backward (max over ranks). peak mem: peak above the "
+              f"memory before inputs were allocated, max over ranks ({', '.join(methods)})"
+              + ("; peak NOT reset after the full-sequence input build" if unreset else "") + "."]
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
+def main(cfg: BenchConfig, json_path: str | None = None, out=None) -> dict:
+    """Run, print the report to `out` (stdout), write JSON if asked; return the numbers."""
+    result = run(cfg)
+    print(format_report(result), file=out or sys.stdout, flush=True)
+    if json_path:
+        write_json(result, json_path)
+        _log(f"[bench] wrote {json_path}")
+    return result

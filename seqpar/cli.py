@@ -1,0 +1,100 @@
+"""The ``seqpar`` command. Thin: it parses arguments and calls into the package.
+
+    seqpar --version
+    seqpar bench attention --algo ring,ulysses,hybrid --world-size 4 --seq-len 4096
+
+Invalid input (`seqpar.errors.SeqparError`) exits with status 2 and its message, which
+names the fix; a failed rank of a spawned run exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import SeqparError
+
+
+def _bench_attention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--algo", default="ring",
+                   help="ring, ulysses, hybrid, or several comma-separated (default: ring)")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks W")
+    p.add_argument("--seq-len", type=int, required=True, help="total sequence length S")
+    p.add_argument("--ulysses-size", type=int, default=2,
+                   help="hybrid only: Ulysses group size U (ring size W/U; default 2)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads (GQA/MQA)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--layout", choices=("zigzag", "contiguous", "stripe"), default="zigzag")
+    p.add_argument("--no-causal", dest="causal", action="store_false",
+                   help="full (bidirectional) attention instead of causal")
+    p.add_argument("--iters", type=int, default=3, help="timed forward+backward passes")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes before them")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the world-size-1 run (and the ratios against it)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo processes; cuda: nccl, one GPU per rank (default: cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds allowed for each spawned run (default: 3600)")
+    p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    p.set_defaults(func=_run_bench_attention)
+
+
+def _run_bench_attention(args) -> int:
+    from .bench import attention
+    from .parallel.spawn import DistributedRunError
+
+    cfg = attention.BenchConfig(
+        algos=attention.parse_algos(args.algo), world_size=args.world_size,
+        seq_len=args.seq_len, ulysses_size=args.ulysses_size, batch=args.batch,
+        heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+        layout=args.layout, causal=args.causal, iters=args.iters, warmup=args.warmup,
+        baseline=args.baseline, device=args.device, seed=args.seed, timeout=args.timeout)
+    try:
+        attention.main(cfg, json_path=args.json)
+    except DistributedRunError as e:
+        print(f"seqpar: error: a benchmark rank failed:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seqpar", description="Exact sequence-parallel attention for long-context training.")
+    parser.add_argument("--version", action="version", version=f"seqpar {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    bench = commands.add_parser("bench", help="measure time, communication and memory")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCH")
+    _bench_attention_args(benches.add_parser(
+        "attention", help="ring / Ulysses / hybrid attention vs one process",
+        description="Time, bytes sent (measured vs theoretical) and peak memory per rank of "
+                    "sequence-parallel attention forward+backward on spawned processes, "
+                    "against one process doing the whole sequence."))
+    bench.set_defaults(func=lambda args: _missing(bench))
+    return parser
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except SeqparError as e:
+        parser.exit(2, f"seqpar: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

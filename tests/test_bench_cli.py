@@ -1,0 +1,78 @@
+"""`seqpar bench attention` through the CLI entry point (`seqpar.cli.main`)."""
+import json
+
+import pytest
+
+import seqpar
+import seqpar.parallel.spawn as spawn
+from seqpar.cli import main
+
+
+def test_bench_attention_tiny_run(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = main(["bench", "attention", "--algo", "ring,ulysses", "--world-size", "2",
+               "--seq-len", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+               "--iters", "1", "--warmup", "0", "--json", str(path)])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert "[bench] ring W=2 S=64: running..." in err
+    assert "attention backend: torch" in out and "| algo |" in out
+
+    result = json.loads(path.read_text())
+    assert result["torch_version"] and result["date"] and result["device"].startswith("CPU gloo")
+    rows = {r["algo"]: r for r in result["rows"]}
+    assert list(rows) == ["single", "ring", "ulysses"]
+    assert rows["single"]["world_size"] == 1 and rows["single"]["bytes_sent_per_rank"] == 0
+
+    for algo in ("ring", "ulysses"):
+        row = rows[algo]
+        assert row["world_size"] == 2 and row["layout"] == "zigzag"
+        # The counters are filled by the real communication calls; theory must match exactly,
+        # on every rank, per op and per direction.
+        theory = row["theoretical"]
+        assert theory["total_bytes"] > 0
+        assert row["bytes_sent_by_rank"] == [theory["total_bytes"]] * 2
+        assert row["measured_over_theoretical"] == 1.0
+        for comm in row["comm_by_rank"]:
+            for direction in ("fwd", "bwd"):
+                assert comm[direction] == theory[direction]
+
+    for row in rows.values():
+        assert row["time_s"] > 0
+        assert all(t > 0 for times in row["iter_times_per_rank_s"] for t in times)
+        assert row["time_ratio_vs_single"] > 0
+        assert isinstance(row["peak_mem_bytes_per_rank"], int) and row["peak_mem_bytes_per_rank"] >= 0
+        assert len(row["memory_by_rank"]) == row["world_size"]
+        for mem in row["memory_by_rank"]:
+            assert mem["baseline_bytes"] > 0 and mem["peak_bytes"] >= mem["peak_extra_bytes"]
+            assert mem["method"] in ("VmHWM", "ru_maxrss")
+        assert row["mem_ratio_vs_single"] is None or row["mem_ratio_vs_single"] >= 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--algo", "ring", "--world-size", "2", "--seq-len", "63"],
+     "--seq-len 63 is not divisible by 2 x --world-size = 4, which --layout zigzag needs"),
+    (["--algo", "ulysses", "--world-size", "4", "--seq-len", "64", "--heads", "6",
+      "--kv-heads", "6"], "--heads 6 is not divisible by the Ulysses size 4"),
+    (["--algo", "ring,hybrid", "--world-size", "6", "--seq-len", "48", "--ulysses-size", "4"],
+     "--world-size 6 is not divisible by --ulysses-size 4"),
+    (["--algo", "ring,star", "--world-size", "2", "--seq-len", "64"], "unknown --algo 'star'"),
+])
+def test_bad_arguments_fail_before_spawning(monkeypatch, capsys, args, message):
+    def no_spawn(*a, **k):
+        raise AssertionError("spawned despite invalid arguments")
+
+    monkeypatch.setattr(spawn, "run_distributed", no_spawn)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "attention", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "seqpar: error:" in err and message in err, err
+    assert "spawned" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"seqpar {seqpar.__version__}"
