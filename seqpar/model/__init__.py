@@ -1,0 +1,6 @@
+"""Hugging Face integration: attention hook, fused RoPE, sharded batches and loss."""
+
+from .batch import shard_batch
+from .parallelize import parallelize
+
+__all__ = ["parallelize", "shard_batch"]

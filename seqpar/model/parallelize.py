@@ -1,0 +1,81 @@
+"""`parallelize`: switch a Hugging Face causal LM to sequence-parallel training in place.
+
+Nothing of the modeling code is copied. We (1) register the seqpar attention function
+with transformers' AttentionInterface and select it, (2) optionally route the model's
+rotary embedding through the fused `seqpar.ops.apply_rope`, and (3) wrap `forward` so
+that it passes the parallel plan and document ids down to attention and computes the
+loss sharded over the SP group (tiled, so [seq, vocab] logits never exist at once).
+"""
+
+from __future__ import annotations
+
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..errors import SeqparError
+from ..parallel import LAYOUTS
+from .attention import (ALGORITHMS, ATTN_IMPLEMENTATION, SeqParallelPlan, check_model_heads,
+                        register_attention)
+from .loss import sharded_cross_entropy
+from .rope import use_fused_rope
+
+# Config fields that rescale logits after the LM head; the sharded loss does not apply them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _check_supported(model, algorithm: str, layout: str) -> None:
+    if algorithm not in ALGORITHMS:
+        raise SeqparError(f"unknown attention={algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
+    if layout not in LAYOUTS:
+        raise SeqparError(f"unknown layout={layout!r}; choose one of {', '.join(LAYOUTS)}.")
+    config = model.config
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise SeqparError(f"{type(model).__name__} transforms its logits ({name}="
+                              f"{getattr(config, name)}), which seqpar's sharded loss does not support yet.")
+    if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
+        raise SeqparError(f"{type(model).__name__} is not a causal LM with an LM head; pass an "
+                          f"AutoModelForCausalLM model.")
+
+
+def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
+                fused_rope: bool = True, tiled_loss: bool = True):
+    """Make `model` (any RoPE causal LM of transformers) run sequence-parallel over `mesh`.
+
+    Afterwards, on every SP rank, `model(**seqpar.model.shard_batch(batch, mesh,
+    layout=layout)).loss` is the mean token loss of the unsharded batch, and the sum of
+    parameter gradients over the SP group is the unsharded gradient. Returns `model`.
+    """
+    _check_supported(model, attention, layout)
+    plan = SeqParallelPlan(mesh=mesh, algorithm=attention, layout=layout)
+    check_model_heads(model.config, plan)
+    register_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if fused_rope:
+        use_fused_rope(model)
+    model.seqpar_plan = plan
+    model.forward = _sharded_forward(model, plan, tiled_loss)
+    return model
+
+
+def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool):
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+
+    def forward(input_ids=None, labels=None, position_ids=None, doc_ids=None, attention_mask=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        if position_ids is None:
+            raise SeqparError("a parallelized model needs global position_ids; build its inputs "
+                              "with seqpar.model.shard_batch(batch, mesh).")
+        if attention_mask is not None:
+            raise SeqparError("pass padding to seqpar.model.shard_batch (it turns attention_mask "
+                              "into document ids and ignored labels), not to the model.")
+        kwargs.pop("num_items_in_batch", None)  # the sharded loss counts tokens itself
+        hidden = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                         use_cache=False, seqpar_plan=plan, seqpar_doc_ids=doc_ids, **kwargs)[0]
+        if labels is None:
+            return CausalLMOutputWithPast(logits=head(hidden))
+        loss = sharded_cross_entropy(hidden, head.weight, labels, plan.mesh.sp_group,
+                                     bias=head.bias, tiled=tiled_loss)
+        return CausalLMOutputWithPast(loss=loss)
+
+    return forward
