@@ -32,6 +32,11 @@ def _check_supported(model, algorithm: str, layout: str) -> None:
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise SeqparError(f"{type(model).__name__} transforms its logits ({name}="
                               f"{getattr(config, name)}), which seqpar's sharded loss does not support yet.")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type")
+    if rope_type == "dynamic":
+        raise SeqparError("dynamic NTK RoPE rescales by the longest position a rank sees, which differs "
+                          "between sequence shards; extend with method 'yarn' or 'abf' (a fixed larger "
+                          "rope_theta) for sequence-parallel training.")
     if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
         raise SeqparError(f"{type(model).__name__} is not a causal LM with an LM head; pass an "
                           f"AutoModelForCausalLM model.")
