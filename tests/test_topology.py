@@ -26,10 +26,9 @@ def mesh_layouts():
         found[(sp, u)] = dict(
             sp=_group_ranks(mesh.sp_group), dp=_group_ranks(mesh.dp_group),
             ring=_group_ranks(mesh.ring_group), ulysses=_group_ranks(mesh.ulysses_group),
-            sp_rank=mesh.sp_rank,
+            sp_rank=mesh.sp_rank, no_dp_group=not hasattr(mpu, "get_data_parallel_group"),
             mpu=(mpu.get_sequence_parallel_world_size(), mpu.get_sequence_parallel_rank(),
-                 mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank(),
-                 mpu.get_sequence_data_parallel_world_size(),
+                 mesh.dp_size, mesh.dp_rank, mpu.get_sequence_data_parallel_world_size(),
                  _group_ranks(mpu.get_sequence_parallel_group()) == _group_ranks(mesh.sp_group)),
         )
     # shard / unshard round trip for every layout.
@@ -49,6 +48,7 @@ def test_mesh_groups_and_mpu():
         assert found[(2, 1)]["sp"] == [2 * dp_index, 2 * dp_index + 1]
         assert found[(2, 1)]["dp"] == [sp_index, sp_index + 2]
         assert found[(2, 1)]["mpu"] == (2, sp_index, 2, dp_index, 4, True)
+        assert found[(2, 1)]["no_dp_group"]
         # SP 4 = ring 2 x Ulysses 2, Ulysses innermost (neighbouring ranks).
         assert found[(4, 2)]["ulysses"] == [rank - rank % 2, rank - rank % 2 + 1]
         assert found[(4, 2)]["ring"] == [rank % 2, rank % 2 + 2]

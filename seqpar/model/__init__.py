@@ -1,6 +1,7 @@
 """Hugging Face integration: attention hook, fused RoPE, sharded batches and loss."""
 
 from .batch import shard_batch
+from .loss import sharded_cross_entropy
 from .parallelize import parallelize
 
-__all__ = ["parallelize", "shard_batch"]
+__all__ = ["parallelize", "shard_batch", "sharded_cross_entropy"]

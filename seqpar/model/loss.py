@@ -27,7 +27,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def default_chunk_size(vocab: int) -> int:
-    """Tokens per chunk so that one chunk's float32 logits take at most 256 MiB."""
+    """Tokens per chunk so that one chunk's float32 logits take at most 256 MiB (the loss
+    step's peak is about twice that: a chunk's logits plus one temporary of their size)."""
     return max(1, CHUNK_LOGITS_BYTES // (4 * vocab))
 
 

@@ -79,8 +79,24 @@ def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool):
                          use_cache=False, seqpar_plan=plan, seqpar_doc_ids=doc_ids, **kwargs)[0]
         if labels is None:
             return CausalLMOutputWithPast(logits=head(hidden))
-        loss = sharded_cross_entropy(hidden, head.weight, labels, plan.mesh.sp_group,
-                                     bias=head.bias, tiled=tiled_loss)
-        return CausalLMOutputWithPast(loss=loss)
+        return CausalLMOutputWithPast(loss=head(hidden, seqpar_labels=labels))
 
+    _make_loss_head(head, plan, tiled_loss)
     return forward
+
+
+def _make_loss_head(head, plan: SeqParallelPlan, tiled_loss: bool) -> None:
+    """Let the LM head itself compute the sharded loss when given labels.
+
+    The loss must run inside the head module's own forward: DeepSpeed ZeRO-3 gathers a
+    module's partitioned weight only around that module's forward and backward.
+    """
+    plain_forward = head.forward
+
+    def forward(hidden, seqpar_labels=None):
+        if seqpar_labels is None:
+            return plain_forward(hidden)
+        return sharded_cross_entropy(hidden, head.weight, seqpar_labels, plan.mesh.sp_group,
+                                     bias=head.bias, tiled=tiled_loss)
+
+    head.forward = forward

@@ -1,29 +1,34 @@
 """`seqpar.ops.attention`: one differentiable block of attention returning (out, lse).
 
-Dispatch order (DESIGN.md): compiled seqpar op (CUDA or CPU) -> pure torch. The
-compiled op lives in csrc/ and is not built yet, so today every call takes the torch
-path; `attention_backend()` says which one is active and benchmarks print it.
+Dispatch order (DESIGN.md): compiled seqpar op (CUDA or CPU, built from csrc/ on first
+use, see `_build`) -> pure torch (no compiler, SEQPAR_DISABLE_EXT=1, or a device/dtype
+the compiled op does not serve, e.g. float32 on CUDA). `attention_backend()` says which
+one is active and benchmarks print it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import torch_attention
+from . import compiled, torch_attention
 
 
 def attention_backend() -> str:
-    """Name of the local attention kernel in use: 'torch' (pure PyTorch fallback)."""
-    return "torch"
+    """Local attention kernel in use: 'compiled-cuda', 'compiled-cpu' or 'torch' (fallback)."""
+    return compiled.backend_name()
 
 
 def attention_forward(q, k, v, **mask_kw):
     """(out, lse) of one block, no autograd: the building block ring attention merges."""
+    if compiled.available(q.device, q.dtype, head_dim=q.shape[-1]):
+        return compiled.attention_forward(q, k, v, **mask_kw)
     return torch_attention.attention_forward(q, k, v, **mask_kw)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, delta=None, **mask_kw):
     """(dq, dk, dv) of one block from the final lse, in the accumulation dtype."""
+    if compiled.available(q.device, q.dtype, head_dim=q.shape[-1]):
+        return compiled.attention_backward(dout, q, k, v, out, lse, delta=delta, **mask_kw)
     return torch_attention.attention_backward(dout, q, k, v, out, lse, delta=delta, **mask_kw)
 
 

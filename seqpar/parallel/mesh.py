@@ -100,6 +100,10 @@ class DeepSpeedMPU:
     (including `initialize_sequence_parallel`, whose presence tells ZeRO there is no
     tensor parallelism): DeepSpeed then partitions ZeRO state and averages gradients over
     the sequence-data-parallel group (all DP x SP ranks) and scales by the SP size.
+
+    Deliberately NO `get_data_parallel_group`: DeepSpeed would partition ZeRO-3
+    parameters over that group while reducing gradients over all DP x SP ranks, which
+    silently corrupts ZeRO-3 gradients under SP (tests/test_train_equivalence.py).
     """
 
     def __init__(self, mesh: SeqParallelMesh):
@@ -128,12 +132,3 @@ class DeepSpeedMPU:
 
     def get_sequence_data_parallel_rank(self) -> int:
         return dist.get_rank()
-
-    def get_data_parallel_group(self):
-        return self._mesh.dp_group
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._mesh.dp_size
-
-    def get_data_parallel_rank(self) -> int:
-        return self._mesh.dp_rank

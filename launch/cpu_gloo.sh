@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# N simulated ranks on the CPU (gloo backend): for development, tests and the tiny demo.
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+usage: launch/cpu_gloo.sh CONFIG.yaml [seqpar train args: --set KEY=VALUE ... --resume]
+
+Runs N CPU processes with the gloo backend through torchrun on this machine, one
+thread each, GPUs hidden. Run it from the repository root: relative paths in the
+config resolve against the working directory.
+
+environment:
+  NPROC        processes (default: the config's parallel.sp_size, after --set overrides)
+  MASTER_PORT  rendezvous port (default: a free one, chosen by --standalone)
+  PYTHON       interpreter (default: python)
+
+example:
+  bash launch/cpu_gloo.sh configs/tiny_cpu_demo.yaml --set train.steps=5
+USAGE
+}
+
+if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
+case "$1" in -h|--help) usage; exit 0 ;; esac
+CONFIG=$1; shift
+if [[ ! -f $CONFIG ]]; then echo "cpu_gloo.sh: config $CONFIG not found" >&2; exit 2; fi
+
+PYTHON=${PYTHON:-python}
+# Default N = sp_size, read through seqpar's own loader so `--set parallel.sp_size=2` counts.
+NPROC=${NPROC:-$("$PYTHON" -m seqpar.train.config_io --get parallel.sp_size "$CONFIG" "$@")}
+
+export OMP_NUM_THREADS=1          # N processes share the cores: no oversubscription
+export GLOO_SOCKET_IFNAME=lo      # all ranks on this machine: loopback only
+export CUDA_VISIBLE_DEVICES=""    # CPU ranks even on a GPU machine (gloo, fp32)
+
+rdzv=(--standalone)
+if [[ -n ${MASTER_PORT:-} ]]; then rdzv=(--rdzv-backend c10d --rdzv-endpoint "localhost:$MASTER_PORT"); fi
+
+set -x
+exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$NPROC" \
+    -m seqpar.cli train "$CONFIG" "$@"

@@ -1,0 +1,52 @@
+"""Build the model a run trains: pretrained weights or a random init from a config file,
+with the RoPE extension applied to its config, under DeepSpeed's ZeRO-3 construction
+when stage 3 is on (parameters are partitioned as they are created)."""
+
+from __future__ import annotations
+
+import contextlib
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..model.extend import extend_context
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
+
+
+def model_config(cfg):
+    """The transformers config of the run, with RoPE extended to train.seq_len if asked."""
+    config = AutoConfig.from_pretrained(cfg.model.config_file or cfg.model.name_or_path)  # dir, file or name
+    rope = cfg.rope
+    if rope.method:
+        config = extend_context(config, cfg.train.seq_len, rope.method,
+                                original_max_position_embeddings=rope.original_max_position_embeddings,
+                                factor=rope.factor, rope_theta=rope.rope_theta, **rope.extra)
+    if hasattr(config, "attention_dropout"):
+        config.attention_dropout = 0.0
+    return config
+
+
+def load_model(cfg, ds_config: dict, config=None):
+    """Returns (model, hf_deepspeed_config); keep the second alive while training (ZeRO-3)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = config or model_config(cfg)
+    dtype = resolve_dtype(cfg.model.dtype)
+    stage3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    # HfDeepSpeedConfig must be alive before from_pretrained/from_config for ZeRO-3.
+    hf_ds = HfDeepSpeedConfig(ds_config) if stage3 else None
+    if cfg.model.config_file:
+        torch.manual_seed(cfg.model.seed)
+        init = deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext()
+        with init:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, config=config, dtype=dtype)
+    return model, hf_ds
