@@ -1,6 +1,7 @@
 """The ``seqpar`` command. Thin: it parses arguments and calls into the package.
 
     seqpar --version
+    seqpar train CONFIG.yaml [--set section.key=value ...] [--resume]
     seqpar bench attention --algo ring,ulysses,hybrid --world-size 4 --seq-len 4096
 
 Invalid input (`seqpar.errors.SeqparError`) exits with status 2 and its message, which
@@ -62,11 +63,34 @@ def _run_bench_attention(args) -> int:
     return 0
 
 
+def _run_train(args) -> int:
+    from .train.config_io import load_config
+    from .train.loop import train
+
+    cfg = load_config(args.config, args.set or ())
+    train(cfg, resume=args.resume, stop_after=args.stop_after)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqpar", description="Exact sequence-parallel attention for long-context training.")
     parser.add_argument("--version", action="version", version=f"seqpar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="continued pretraining under sequence parallelism (DeepSpeed ZeRO)",
+        description="Train as configured by a run YAML; launch it with launch/*.sh "
+                    "(torchrun, deepspeed, mpirun, slurm, or cpu_gloo for CPU ranks).")
+    train.add_argument("config", help="run YAML, e.g. configs/tiny_cpu_demo.yaml")
+    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable), e.g. --set train.lr=1e-5")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint in checkpoint.dir")
+    train.add_argument("--stop-after", type=int, metavar="N",
+                       help="stop after N steps of this invocation (checkpoint written); "
+                            "a later --resume continues the same schedule")
+    train.set_defaults(func=_run_train)
 
     bench = commands.add_parser("bench", help="measure time, communication and memory")
     benches = bench.add_subparsers(dest="bench", metavar="BENCH")

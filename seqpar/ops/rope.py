@@ -65,47 +65,46 @@ def _freq_table(positions, inv_freq, scaling, dtype):
 
 # ---------------------------------------------------------------- in-place autograd
 
-def _grads(ctx, gq, gk):
-    """Autograd passes None for an unused output; the kernel wants both, contiguous."""
-    like = gq if gq is not None else gk
-    gq = like.new_zeros(ctx.q_shape) if gq is None else gq
-    gk = like.new_zeros(ctx.k_shape) if gk is None else gk
-    return gq.contiguous(), gk.contiguous()
+def _no_heads(x):
+    return x.new_empty(x.shape[0], x.shape[1], 0, x.shape[3])
 
 
+# Autograd cannot let one Function modify two views in place (q and k usually are views
+# of their projections), so the in-place path rotates one tensor per Function call; the
+# other operand of the fused op is an empty [b, s, 0, d] tensor.
 class _RopeInplace(torch.autograd.Function):
-    """In place: no copy of q/k is kept (the gradient of a rotation needs only cos/sin)."""
+    """In place: no copy of x is kept (the gradient of a rotation needs only cos/sin)."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        torch.ops.seqpar.rope_(q, k, cos, sin, False)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, x, cos, sin):
+        torch.ops.seqpar.rope_(x, _no_heads(x), cos, sin, False)
+        ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin)
-        ctx.q_shape, ctx.k_shape = q.shape, k.shape
-        return q, k
+        return x
 
     @staticmethod
-    def backward(ctx, gq, gk):
+    def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        dq, dk = torch.ops.seqpar.rope(*_grads(ctx, gq, gk), cos, sin, True)
-        return dq, dk, None, None
+        g = g.contiguous()
+        dx, _ = torch.ops.seqpar.rope(g, _no_heads(g), cos, sin, True)
+        return dx, None, None
 
 
 class _RopePosInplace(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, positions, inv_freq, scaling):
-        torch.ops.seqpar.rope_pos_(q, k, positions, inv_freq, scaling, False)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, x, positions, inv_freq, scaling):
+        torch.ops.seqpar.rope_pos_(x, _no_heads(x), positions, inv_freq, scaling, False)
+        ctx.mark_dirty(x)
         ctx.save_for_backward(positions, inv_freq)
         ctx.scaling = scaling
-        ctx.q_shape, ctx.k_shape = q.shape, k.shape
-        return q, k
+        return x
 
     @staticmethod
-    def backward(ctx, gq, gk):
+    def backward(ctx, g):
         positions, inv_freq = ctx.saved_tensors
-        dq, dk = torch.ops.seqpar.rope_pos(*_grads(ctx, gq, gk), positions, inv_freq, ctx.scaling, True)
-        return dq, dk, None, None, None
+        g = g.contiguous()
+        dx, _ = torch.ops.seqpar.rope_pos(g, _no_heads(g), positions, inv_freq, ctx.scaling, True)
+        return dx, None, None, None
 
 
 # ---------------------------------------------------------------- public API
@@ -119,7 +118,7 @@ def apply_rope(q, k, cos, sin, *, inplace: bool = False):
     _check(q, k)
     if compiled.available(q.device, q.dtype, op="rope"):
         if inplace:
-            return _RopeInplace.apply(q, k, cos, sin)
+            return _RopeInplace.apply(q, cos, sin), _RopeInplace.apply(k, cos, sin)
         return torch.ops.seqpar.rope(q, k, cos, sin, False)
     return _torch_rope(q, k, cos, sin, inplace)
 
@@ -133,7 +132,8 @@ def apply_rope_from_positions(q, k, positions, inv_freq, attention_scaling: floa
     scaling = float(attention_scaling)
     if compiled.available(q.device, q.dtype, op="rope"):
         if inplace:
-            return _RopePosInplace.apply(q, k, positions, inv_freq, scaling)
+            return (_RopePosInplace.apply(q, positions, inv_freq, scaling),
+                    _RopePosInplace.apply(k, positions, inv_freq, scaling))
         return torch.ops.seqpar.rope_pos(q, k, positions, inv_freq, scaling, False)
     cos, sin = _freq_table(positions.to(q.device), inv_freq, scaling, q.dtype)
     return _torch_rope(q, k, cos, sin, inplace)

@@ -132,3 +132,10 @@ class DeepSpeedMPU:
 
     def get_sequence_data_parallel_rank(self) -> int:
         return dist.get_rank()
+
+    # No tensor parallelism; DeepSpeed's checkpoint metadata asks for its degree.
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0

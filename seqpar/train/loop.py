@@ -135,8 +135,12 @@ def setup(cfg) -> Trainer:
                    loss_scale=sp_loss_scale(ds_config, mesh.sp_size))
 
 
-def train(cfg, resume: bool = False) -> list[dict]:
-    """Run (or continue) training; returns the per-step metrics of this invocation."""
+def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict]:
+    """Run (or continue) training; returns the per-step metrics of this invocation.
+
+    `stop_after` ends this invocation after that many steps (with a checkpoint) without
+    changing the schedule, e.g. to fit a cluster time limit; `resume` continues it.
+    """
     from .export import export_hf
 
     trainer = setup(cfg)
@@ -146,18 +150,19 @@ def train(cfg, resume: bool = False) -> list[dict]:
     logger = MetricsLogger(cfg.log.dir, cfg.train.steps, enabled=rank0, tensorboard=cfg.log.tensorboard)
     history = []
     try:
-        while trainer.step < cfg.train.steps:
+        last = cfg.train.steps if stop_after is None else min(cfg.train.steps, trainer.step + stop_after)
+        while trainer.step < last:
             metrics = trainer.train_step()
             history.append({"step": trainer.step, **metrics})
             if trainer.step % max(1, cfg.log.every) == 0 or trainer.step == cfg.train.steps:
                 logger.log(trainer.step, metrics)
             every = cfg.checkpoint.every
-            if every and trainer.step % every == 0 and trainer.step < cfg.train.steps:
+            if every and trainer.step % every == 0 and trainer.step < last:
                 trainer.save()
         if not history or trainer.checkpoints.latest() is None or \
                 trainer.checkpoints.latest().name != CheckpointManager.step_name(trainer.step):
             trainer.save()
-        if cfg.checkpoint.export_hf:
+        if cfg.checkpoint.export_hf and trainer.step >= cfg.train.steps:
             export_hf(trainer.model, cfg.checkpoint.export_hf, trainer.tokenizer, zero3=trainer.zero3)
             if rank0:
                 print(f"[seqpar] exported Hugging Face model to {cfg.checkpoint.export_hf}", flush=True)
