@@ -11,6 +11,6 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${SEQPAR_TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test,mpi]'
 echo "[tests/run.sh] torch $(python -c 'import torch; print(torch.__version__)'), running pytest"
 exec python -m pytest -q "$@"

@@ -76,3 +76,18 @@ def test_hf_export_loads_with_trained_weights(runs):
     ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_mpirun_launcher_trains(tmp_path):
+    pytest.importorskip("mpi4py", reason="needs the mpi extra: pip install -e '.[mpi]'")
+    env = dict(os.environ, PYTHON=sys.executable, NP="2", MASTER_PORT=str(29500 + os.getpid() % 1000),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    overrides = ["--set", "parallel.sp_size=2", "--set", "train.steps=2", "--set", "train.warmup_steps=1",
+                 "--set", "train.seq_len=256", "--set", "data.max_documents=40",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                 "--set", "checkpoint.export_hf=null", "--set", f"log.dir={tmp_path / 'logs'}"]
+    proc = subprocess.run(["bash", "launch/mpirun.sh", "configs/tiny_cpu_demo.yaml", *overrides], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "step 2/2" in proc.stdout
+    assert (tmp_path / "ckpt" / "step_00000002" / "COMPLETE").is_file()

@@ -33,7 +33,9 @@ def init_distributed() -> None:
     # layer must be initialised over it.
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     from_mpi = not dist.is_initialized() and "RANK" not in os.environ and any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK"))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=from_mpi, verbose=False)
+    # MPI discovery sets MASTER_PORT from distributed_port: keep the one the launcher chose.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=from_mpi, verbose=False,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
