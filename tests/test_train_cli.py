@@ -91,3 +91,33 @@ def test_mpirun_launcher_trains(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "step 2/2" in proc.stdout
     assert (tmp_path / "ckpt" / "step_00000002" / "COMPLETE").is_file()
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    """Clusters signal every process before preemption: finish the step, save, exit 0."""
+    import time
+
+    env = dict(os.environ, PYTHON=sys.executable)
+    overrides = ["--set", "train.steps=500", "--set", "train.seq_len=256", "--set", "data.max_documents=40",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                 "--set", "checkpoint.every=0", "--set", "checkpoint.export_hf=null",
+                 "--set", f"log.dir={tmp_path / 'logs'}"]
+    proc = subprocess.Popen(["bash", "launch/cpu_gloo.sh", "configs/tiny_cpu_demo.yaml", *overrides], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    deadline = time.time() + 300
+    while "step 2/500" not in seen and time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+    assert "step 2/500" in seen, seen[-3000:]
+    # cpu_gloo.sh execs torchrun, so proc.pid is torchrun; its children are the ranks.
+    subprocess.run(["pkill", "-TERM", "-P", str(proc.pid)], check=True)
+    out, _ = proc.communicate(timeout=300)
+    seen += out
+    assert proc.returncode == 0, seen[-3000:]
+    assert "stop requested" in seen
+    saved = sorted((tmp_path / "ckpt").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
+    assert int(saved[0].name.split("_")[1]) < 500

@@ -68,6 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     seed: int = 0
+    dist_timeout_minutes: float = 30.0  # a dead/stuck rank fails collectives after this
 
 
 @dataclass

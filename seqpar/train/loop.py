@@ -8,6 +8,7 @@ checkpoints every N steps and at the end (then the optional Hugging Face export)
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import time
@@ -22,10 +23,12 @@ from ..parallel import init_mesh
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
 from .metrics import MetricsLogger, peak_memory_gib, peak_tflops, training_flops_per_token
+from .config_io import config_hash
 from .model_loader import load_model, model_config, resolve_dtype
+from .safety import GracefulStop, agree_on_run, check_finite, run_fingerprint
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the job however it was launched: torchrun/deepspeed env vars, or mpirun (MPI)."""
     import deepspeed
 
@@ -34,8 +37,10 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     from_mpi = not dist.is_initialized() and "RANK" not in os.environ and any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK"))
     # MPI discovery sets MASTER_PORT from distributed_port: keep the one the launcher chose.
+    # A dead or stuck rank fails every collective after this timeout instead of hanging.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=from_mpi, verbose=False,
-                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -69,6 +74,7 @@ class Trainer:
             shard = shard_batch(batch, self.mesh, layout=cfg.parallel.layout)
             shard = {k: v.to(self.engine.device) for k, v in shard.items()}
             loss = self.engine(**shard).loss
+            check_finite(loss.detach(), self.step + 1)
             self.engine.backward(loss * self.loss_scale)
             self.engine.step()
             losses.append(loss.detach().float())
@@ -108,8 +114,9 @@ def setup(cfg) -> Trainer:
     from ..data import BatchIterator, build_packed_dataset, load_tokenizer
     from .validate import validate_config
 
-    init_distributed()
+    init_distributed(cfg.train.dist_timeout_minutes)
     world = dist.get_world_size()
+    validate_config(cfg, world)  # files, sizes, names: before anything heavy
     config = model_config(cfg)
     validate_config(cfg, world, model_config=config)
     seed_everything(cfg.train.seed)
@@ -131,6 +138,7 @@ def setup(cfg) -> Trainer:
     batches = BatchIterator(dataset, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                             micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed)
     engine = initialize_engine(model, cfg, mesh, ds_config)
+    agree_on_run(run_fingerprint(config_hash(cfg), model, mesh))
     return Trainer(cfg=cfg, mesh=mesh, model=model, engine=engine, batches=batches, tokenizer=tokenizer,
                    checkpoints=CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last),
                    hf_deepspeed_config=hf_ds, zero3=zero_stage(ds_config) == 3,
@@ -151,6 +159,7 @@ def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict
         print(f"[seqpar] resumed from {trainer.checkpoints.latest()} at step {trainer.step}", flush=True)
     logger = MetricsLogger(cfg.log.dir, cfg.train.steps, enabled=rank0, tensorboard=cfg.log.tensorboard)
     history = []
+    stop = GracefulStop()
     try:
         last = cfg.train.steps if stop_after is None else min(cfg.train.steps, trainer.step + stop_after)
         while trainer.step < last:
@@ -161,6 +170,11 @@ def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict
             every = cfg.checkpoint.every
             if every and trainer.step % every == 0 and trainer.step < last:
                 trainer.save()
+            if stop.should_stop(trainer.engine.device):
+                if rank0:
+                    print(f"[seqpar] stop requested (SIGTERM/SIGINT): checkpointing step {trainer.step} "
+                          f"and exiting; continue with --resume", flush=True)
+                break
         if not history or trainer.checkpoints.latest() is None or \
                 trainer.checkpoints.latest().name != CheckpointManager.step_name(trainer.step):
             trainer.save()
@@ -169,6 +183,7 @@ def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict
             if rank0:
                 print(f"[seqpar] exported Hugging Face model to {cfg.checkpoint.export_hf}", flush=True)
     finally:
+        stop.restore()
         logger.close()
     if rank0:
         print(f"[seqpar] done: step {trainer.step}; checkpoint {trainer.checkpoints.latest()}; "

@@ -23,7 +23,7 @@ def model_config(cfg):
     """The transformers config of the run, with RoPE extended to train.seq_len if asked."""
     config = AutoConfig.from_pretrained(cfg.model.config_file or cfg.model.name_or_path)  # dir, file or name
     rope = cfg.rope
-    if rope.method:
+    if rope.method and rope.method != "none":
         config = extend_context(config, cfg.train.seq_len, rope.method,
                                 original_max_position_embeddings=rope.original_max_position_embeddings,
                                 factor=rope.factor, rope_theta=rope.rope_theta, **rope.extra)
