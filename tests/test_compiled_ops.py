@@ -5,6 +5,10 @@ skip only when no C++ compiler works, which the build reports with one warning.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -155,3 +159,31 @@ def _ring_worker(dtype_name):
 def test_ring_attention_with_compiled_kernel(dtype):
     results = run_distributed(_ring_worker, 2, dtype)
     assert results == ["compiled-cpu", "compiled-cpu"]
+
+
+def test_build_ext_cli(capsys):
+    from seqpar.cli import main
+    assert main(["build-ext"]) == 0
+    out = capsys.readouterr().out
+    assert "built: CPU only (ok)" in out and "attention backend: compiled-cpu" in out
+
+
+_PROBE = ("import warnings, torch; warnings.simplefilter('always');"
+          "from seqpar.ops import attention_backend, attention_forward;"
+          "q = torch.randn(1, 4, 2, 8); attention_forward(q, q, q, causal=True);"
+          "attention_forward(q, q, q); print(attention_backend())")
+
+
+def _probe(tmp_path, **env):
+    full = {**os.environ, "SEQPAR_EXT_DIR": str(tmp_path / "ext"), **env}
+    return subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=full, timeout=300)
+
+
+def test_fallbacks_without_a_working_compiler(tmp_path):
+    r = _probe(tmp_path, SEQPAR_DISABLE_EXT="1")
+    assert r.returncode == 0 and r.stdout.strip() == "torch" and "Warning" not in r.stderr
+    r = _probe(tmp_path, CXX="/bin/false")  # a fresh cache dir forces a build that fails
+    assert r.returncode == 0 and r.stdout.strip() == "torch", r.stderr
+    assert r.stderr.count("compiled ops unavailable") == 1, r.stderr  # one warning, not one per call
+    r = _probe(tmp_path, CXX="/bin/false", SEQPAR_REQUIRE_EXT="1")
+    assert r.returncode != 0 and "SEQPAR_REQUIRE_EXT=1" in r.stderr

@@ -523,7 +523,8 @@ LAUNCHERS = ["torchrun.sh", "deepspeed.sh", "mpirun.sh", "slurm.sbatch", "cpu_gl
 
 
 def test_every_launcher_is_listed():
-    assert sorted(p.name for p in (REPO / "launch").iterdir()) == sorted(LAUNCHERS)
+    # quickstart.sh is the demo driver, not a launcher of `seqpar train CONFIG.yaml`.
+    assert sorted(p.name for p in (REPO / "launch").iterdir() if p.name != "quickstart.sh") == sorted(LAUNCHERS)
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)
