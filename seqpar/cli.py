@@ -3,6 +3,9 @@
     seqpar --version
     seqpar train CONFIG.yaml [--set section.key=value ...] [--resume]
     seqpar bench attention --algo ring,ulysses,hybrid --world-size 4 --seq-len 4096
+    seqpar build-ext
+    seqpar eval ppl --model DIR --lengths 1k,2k,4k [--sp-size N] [--compare OTHER/ppl.json]
+    seqpar eval passkey --model DIR --lengths 256,1k --depths 0,0.5,1
 
 Invalid input (`seqpar.errors.SeqparError`) exits with status 2 and its message, which
 names the fix; a failed rank of a spawned run exits with status 1.
@@ -72,6 +75,20 @@ def _run_train(args) -> int:
     return 0
 
 
+def _run_build_ext(args) -> int:
+    from .ops import _build, attention_backend
+
+    status = _build.load_extension()
+    print(f"built: {status.kind} ({status.reason})")
+    print(f"sources: {', '.join(status.sources)}")
+    print(f"cuda arch list: {status.arch_list or '-'}")
+    print(f"cache dir: {status.build_dir}")
+    took = "cached" if status.build_seconds is None else f"{status.build_seconds:.0f} s"
+    print(f"build time: {took}")
+    print(f"attention backend: {attention_backend()}")
+    return 0 if status.loaded else 1  # ahead of time, a failed build is an error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqpar", description="Exact sequence-parallel attention for long-context training.")
@@ -100,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "sequence-parallel attention forward+backward on spawned processes, "
                     "against one process doing the whole sequence."))
     bench.set_defaults(func=lambda args: _missing(bench))
+
+    from .eval.cli import add_eval_commands  # seqpar eval ppl | passkey (seqpar/eval/cli.py)
+    add_eval_commands(commands)
+
+    commands.add_parser(
+        "build-ext", help="compile the seqpar ops (csrc/) now and say what was built",
+        description="JIT-build the C++ (and CUDA, when torch and nvcc have it) ops into the cache "
+                    "($SEQPAR_EXT_DIR or ~/.cache/seqpar/ext) and print what was built.",
+    ).set_defaults(func=_run_build_ext)
     return parser
 
 

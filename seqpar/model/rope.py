@@ -3,7 +3,9 @@
 transformers applies RoPE with the module-level function `apply_rotary_pos_emb` of each
 modeling file (Llama, Qwen2, Qwen3, Mistral, ...). We swap that function for one that
 calls the fused op: same numbers, one pass over q and k. Models whose rotary embedding
-covers only part of head_dim, or that lack this function, keep their own.
+covers only part of head_dim, or that lack this function, keep their own. The patch is
+per modeling module (so per process, for every model of that family); `restore_rope`
+undoes it.
 """
 
 from __future__ import annotations
@@ -39,3 +41,12 @@ def use_fused_rope(model) -> bool:
         modeling.apply_rotary_pos_emb = _fused_apply_rotary_pos_emb(original)
         patched = True
     return patched
+
+
+def restore_rope() -> None:
+    """Undo `use_fused_rope` for every patched modeling module (e.g. to compare with it)."""
+    for name, original in _ORIGINALS.items():
+        modeling = sys.modules.get(name)
+        if modeling is not None:
+            modeling.apply_rotary_pos_emb = original
+    _ORIGINALS.clear()

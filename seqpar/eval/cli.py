@@ -1,0 +1,322 @@
+"""`seqpar eval ppl` and `seqpar eval passkey`, and `run_evals` for the trainer.
+
+    seqpar eval ppl --model DIR --lengths 1k,2k,4k --data stdlib [--sp-size 4] [--compare OTHER/ppl.json]
+    seqpar eval passkey --model DIR --lengths 1k,4k --depths 0,0.5,1 --trials 5 [--sp-size 4]
+
+With --sp-size N > 1 and no launcher, N local ranks are spawned (gloo on the CPU, nccl
+with N GPUs); under torchrun / deepspeed / mpirun every launched rank takes part
+(world size = DP x SP: DP groups share the sequences). Rank 0 writes <out>/ppl.json +
+ppl.png (or passkey.json + passkey.png) and prints a markdown table.
+
+This module imports nothing heavy at import time: `seqpar --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from ..errors import SeqparError
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _common_args(p: argparse.ArgumentParser, model_required: bool) -> None:
+    p.add_argument("--model", required=model_required, metavar="DIR",
+                   help="Hugging Face model directory (e.g. the export of `seqpar train`)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory or 'byte' (default: --model)")
+    p.add_argument("--lengths", required=model_required, metavar="L,L,...",
+                   help="evaluation lengths in tokens, e.g. 1k,2k,4k (k = 1024, m = 1024^2)")
+    p.add_argument("--label", help="name of this model in tables and plots (default: the model directory)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/eval/<label>)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    g = p.add_argument_group("sequence parallelism")
+    g.add_argument("--sp-size", type=int, default=1, help="ranks sharing one sequence (default 1)")
+    g.add_argument("--ulysses-size", type=int, default=1, help="Ulysses part of the SP group (hybrid)")
+    g.add_argument("--attention", choices=("ring", "ulysses", "hybrid"), default="ring")
+    g.add_argument("--layout", choices=("zigzag", "contiguous", "stripe"), default="zigzag")
+    g.add_argument("--fused-rope", action="store_true", help="seqpar's fused RoPE op instead of the model's")
+    r = p.add_argument_group("RoPE scaling at evaluation time (same weights, other positions)")
+    r.add_argument("--rope-method", choices=("linear", "dynamic", "yarn", "llama3", "abf"),
+                   help="apply seqpar.extend_context to the config before evaluating")
+    r.add_argument("--rope-factor", type=float, help="scaling factor (default: target / original length)")
+    r.add_argument("--rope-theta", type=float, help="abf: the new base frequency")
+    r.add_argument("--rope-original-length", type=int, help="the length the model was trained at")
+    r.add_argument("--rope-target", help="target length (default: the longest --lengths)")
+
+
+def add_eval_commands(commands) -> None:
+    """Add `eval ppl` and `eval passkey` to the `seqpar` subcommands."""
+    ev = commands.add_parser("eval", help="long-context evaluation: perplexity by length, passkey retrieval")
+    evals = ev.add_subparsers(dest="eval", metavar="EVAL")
+    ppl = evals.add_parser(
+        "ppl", help="perplexity at each length, and loss by position",
+        description="Perplexity at each evaluation length on packed text (plain positions, up to L tokens "
+                    "of context), with loss by position bucket; sequence-parallel for long lengths. "
+                    "Writes ppl.json and ppl.png (perplexity vs length, one line per model).")
+    _common_args(ppl, model_required=False)
+    ppl.add_argument("--data", action="append", metavar="SRC",
+                     help="corpus source, repeatable: file, directory, glob, 'stdlib' or 'hf:NAME' (default stdlib)")
+    ppl.add_argument("--max-documents", type=int, help="use at most this many documents")
+    ppl.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text")
+    ppl.add_argument("--data-seed", type=int, default=0, help="document shuffle seed")
+    ppl.add_argument("--cache-dir", default=".seqpar_cache", help="tokenized/packed data cache")
+    ppl.add_argument("--num-sequences", type=int, default=8, help="sequences per length (default 8)")
+    ppl.add_argument("--buckets", type=int, default=8, help="position buckets per sequence (default 8)")
+    ppl.add_argument("--compare", action="append", metavar="RESULT.json",
+                     help="add another ppl.json (or its directory) to the table and plot; repeatable. "
+                          "Without --model, only merges and plots the given results")
+    ppl.set_defaults(func=run_ppl_command)
+    pk = evals.add_parser(
+        "passkey", help="passkey retrieval accuracy by length and depth",
+        description="A random 5-digit pass key hidden at each depth of filler text; the model must "
+                    "reproduce it greedily. Writes passkey.json and passkey.png (accuracy heat map).")
+    _common_args(pk, model_required=True)
+    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default %(default)s)")
+    pk.add_argument("--trials", type=int, default=5, help="random keys per (length, depth) (default 5)")
+    pk.add_argument("--seed", type=int, default=0, help="seed of the random keys")
+    pk.set_defaults(func=run_passkey_command)
+
+    def missing(args) -> int:
+        ev.print_help(sys.stderr)
+        return 2
+
+    ev.set_defaults(func=missing)
+
+
+# ----------------------------------------------------------------------------- jobs (all ranks)
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _setup(opts: dict):
+    """Tokenizer, model and mesh of this rank (mesh None outside a distributed job)."""
+    import torch.distributed as dist
+
+    from ..data import load_tokenizer
+    from .runner import load_model
+
+    mesh = None
+    if dist.is_initialized():
+        from ..parallel import init_mesh
+
+        mesh = init_mesh(opts["sp_size"], opts["ulysses_size"])
+    tokenizer = load_tokenizer(opts["tokenizer"] or opts["model"])
+    model = load_model(opts["model"], dtype=opts["dtype"], rope=opts["rope"])
+    return tokenizer, model, mesh
+
+
+def _parallel_kw(opts: dict) -> dict:
+    return dict(attention=opts["attention"], layout=opts["layout"], fused_rope=opts["fused_rope"], log=_log)
+
+
+def ppl_job(opts: dict) -> dict:
+    from .perplexity import evaluate_perplexity
+
+    tokenizer, model, mesh = _setup(opts)
+    return evaluate_perplexity(model, tokenizer, opts["data"], opts["lengths"], mesh=mesh,
+                               num_sequences=opts["num_sequences"], buckets=opts["buckets"], **_parallel_kw(opts))
+
+
+def passkey_job(opts: dict) -> dict:
+    from .passkey import evaluate_passkey
+
+    tokenizer, model, mesh = _setup(opts)
+    return evaluate_passkey(model, tokenizer, opts["lengths"], opts["depths"], trials=opts["trials"],
+                            seed=opts["seed"], mesh=mesh, **_parallel_kw(opts))
+
+
+# ----------------------------------------------------------------------------- outputs (rank 0)
+
+def _is_writer() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", label).strip("_") or "model"
+
+
+def _write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def write_ppl(result: dict, out, compare=()) -> tuple[Path, Path]:
+    """<out>/ppl.json (the result, with `compare`: the other results) and <out>/ppl.png."""
+    from .plots import plot_perplexity
+
+    out = Path(out)
+    result = dict(result, compare=list(compare))
+    _write_json(result, out / "ppl.json")
+    png = plot_perplexity([result, *compare], out / "ppl.png")
+    return out / "ppl.json", png
+
+
+def write_passkey(result: dict, out) -> tuple[Path, Path]:
+    from .plots import plot_passkey
+
+    out = Path(out)
+    _write_json(result, out / "passkey.json")
+    return out / "passkey.json", plot_passkey(result, out / "passkey.png")
+
+
+def load_result(path, kind: str) -> dict:
+    """A result JSON written by `seqpar eval KIND` (or the directory holding it), without
+    its own comparisons."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{kind}.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SeqparError(f"cannot read the {kind} result {path} ({exc}); pass a {kind}.json written by "
+                          f"`seqpar eval {kind}` or its directory.") from None
+    if result.get("eval") != kind:
+        raise SeqparError(f"{path} is not a `seqpar eval {kind}` result (eval={result.get('eval')!r}).")
+    result.pop("compare", None)
+    result.setdefault("label", path.parent.name or path.stem)
+    return result
+
+
+def _unique_labels(results: list[dict]) -> None:
+    seen: dict = {}
+    for r in results:
+        label = r.get("label") or "model"
+        seen[label] = seen.get(label, 0) + 1
+        r["label"] = label if seen[label] == 1 else f"{label} ({seen[label]})"
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _options(args, lengths: list[int]) -> dict:
+    from .runner import parse_length
+
+    rope = None
+    if args.rope_method:
+        target = parse_length(args.rope_target) if args.rope_target else max(lengths)
+        rope = {"target_len": target, "method": args.rope_method, "factor": args.rope_factor,
+                "rope_theta": args.rope_theta, "original_max_position_embeddings": args.rope_original_length}
+    elif any(v is not None for v in (args.rope_factor, args.rope_theta, args.rope_original_length,
+                                     args.rope_target)):
+        raise SeqparError("--rope-factor/--rope-theta/--rope-original-length/--rope-target need --rope-method.")
+    return {"model": args.model, "tokenizer": args.tokenizer, "dtype": args.dtype, "lengths": lengths,
+            "sp_size": args.sp_size, "ulysses_size": args.ulysses_size, "attention": args.attention,
+            "layout": args.layout, "fused_rope": args.fused_rope, "rope": rope}
+
+
+def _label(args, rope) -> str:
+    if args.label:
+        return args.label
+    label = Path(args.model).resolve().name
+    if rope:
+        label += f"+{rope['method']}" + (f"x{rope['factor']:g}" if rope.get("factor") else "")
+    return label
+
+
+def _describe(result: dict, args, opts: dict) -> dict:
+    return dict(result, label=_label(args, opts["rope"]), model=str(Path(args.model).resolve()),
+                rope=opts["rope"])
+
+
+def run_ppl_command(args) -> int:
+    from .perplexity import markdown
+    from .runner import launch, parse_lengths
+
+    compare = [load_result(p, "ppl") for p in args.compare or []]
+    if args.model is None:
+        if not compare:
+            raise SeqparError("give --model DIR and --lengths to evaluate, or --compare RESULT.json ... "
+                              "to merge and plot existing results.")
+        result, compare = compare[0], compare[1:]
+    else:
+        if not args.lengths:
+            raise SeqparError("--lengths is required with --model, e.g. --lengths 1k,2k,4k.")
+        opts = _options(args, parse_lengths(args.lengths))
+        multiple = args.sp_size * (2 if args.layout == "zigzag" else 1)
+        if any(n % multiple for n in opts["lengths"]):  # before any rank starts
+            raise SeqparError(f"every --lengths value must be a multiple of {multiple} ({args.layout} layout over "
+                              f"--sp-size {args.sp_size}); got {opts['lengths']}.")
+        opts.update(num_sequences=args.num_sequences, buckets=args.buckets,
+                    data={"sources": args.data or ["stdlib"], "max_documents": args.max_documents,
+                          "text_field": args.text_field, "cache_dir": args.cache_dir, "seed": args.data_seed})
+        result = _describe(launch(ppl_job, opts, args.sp_size), args, opts)
+        result["data"] = opts["data"]
+        if not _is_writer():
+            return 0
+    _unique_labels([result, *compare])
+    out = Path(args.out or Path("runs/eval") / _slug(result["label"]))
+    paths = write_ppl(result, out, compare)
+    print("\n" + markdown([result, *compare]) + "\n")
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def run_passkey_command(args) -> int:
+    from .passkey import markdown
+    from .runner import launch, parse_lengths
+
+    opts = _options(args, parse_lengths(args.lengths))
+    try:
+        depths = [float(d) for d in args.depths.split(",") if d.strip()]
+    except ValueError:
+        raise SeqparError(f"--depths {args.depths!r}: give fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1.") from None
+    opts.update(depths=depths, trials=args.trials, seed=args.seed)
+    result = _describe(launch(passkey_job, opts, args.sp_size), args, opts)
+    if not _is_writer():
+        return 0
+    paths = write_passkey(result, Path(args.out or Path("runs/eval") / _slug(result["label"])))
+    print("\n" + markdown(result) + "\n")
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+# ----------------------------------------------------------------------------- trainer hook
+
+def run_evals(model_dir, eval_cfg: dict, *, mesh=None, log=_log) -> dict:
+    """Evaluate a saved model directory, e.g. at the end of a training stage.
+
+    `eval_cfg`: {"out": DIR, "label": str, "dtype": "auto", "attention": "ring",
+    "layout": "zigzag", "ppl": {"lengths": "1k,4k", "data": {DataConfig fields} or a
+    DataConfig, "num_sequences": 8, "buckets": 8}, "passkey": {"lengths": "1k,4k",
+    "depths": [0, 0.5, 1], "trials": 5, "seed": 0}}; "ppl" / "passkey" may be left out.
+    In a distributed job every rank calls it with the job's `mesh` (e.g. the trainer's:
+    sequences are sharded as in training); rank 0 writes the JSON and PNG files.
+    Returns {"ppl": result, "passkey": result} for the evaluations run.
+    """
+    from ..data import load_tokenizer
+    from .passkey import evaluate_passkey
+    from .perplexity import evaluate_perplexity
+    from .runner import load_model, parse_lengths
+
+    cfg = dict(eval_cfg)
+    out = Path(cfg.get("out") or Path(model_dir) / "eval")
+    label = cfg.get("label") or Path(model_dir).resolve().name
+    tokenizer = load_tokenizer(cfg.get("tokenizer") or model_dir)
+    model = load_model(model_dir, dtype=cfg.get("dtype", "auto"))
+    kw = dict(mesh=mesh, attention=cfg.get("attention", "ring"), layout=cfg.get("layout", "zigzag"), log=log)
+    results = {}
+    if cfg.get("ppl"):
+        p = cfg["ppl"]
+        data = p["data"] if isinstance(p["data"], dict) else vars(p["data"])
+        results["ppl"] = dict(evaluate_perplexity(model, tokenizer, data, parse_lengths(p["lengths"]),
+                                                  num_sequences=p.get("num_sequences", 8),
+                                                  buckets=p.get("buckets", 8), **kw),
+                              label=label, model=str(Path(model_dir).resolve()), data=dict(data))
+        if _is_writer():
+            write_ppl(results["ppl"], out)
+    if cfg.get("passkey"):
+        p = cfg["passkey"]
+        depths = p.get("depths", [0, 0.25, 0.5, 0.75, 1])
+        results["passkey"] = dict(evaluate_passkey(model, tokenizer, parse_lengths(p["lengths"]), depths,
+                                                   trials=p.get("trials", 5), seed=p.get("seed", 0), **kw),
+                                  label=label, model=str(Path(model_dir).resolve()))
+        if _is_writer():
+            write_passkey(results["passkey"], out)
+    return results

@@ -1,0 +1,208 @@
+"""Long-context evaluation (seqpar.eval): perplexity by length and passkey retrieval.
+
+- Under SP=2 (gloo, ring / Ulysses, every layout) perplexity and loss by position equal
+  one process scoring the whole sequences (relative 1e-5), and passkey predictions match.
+- `seqpar eval ppl` writes ppl.json + ppl.png, and --compare merges results.
+- Passkey prompts put the key at the requested depth; a stub model that copies from its
+  context scores 1.0, a random model 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from seqpar import SeqparError
+from seqpar.cli import main as seqpar_main
+from seqpar.data import ByteTokenizer, load_tokenizer
+from seqpar.eval.passkey import NEEDLE, build_prompt, evaluate_passkey, random_key
+from seqpar.eval.perplexity import evaluate_perplexity
+from seqpar.eval.runner import format_length, load_model, parse_length, parse_lengths
+from seqpar.parallel import init_mesh
+
+from .distributed import run_distributed
+
+TOL = 1e-5
+LENGTHS = [64, 128, 256]
+SP_SETUPS = [("ring", "zigzag"), ("ulysses", "contiguous"), ("ring", "stripe")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny Llama (GQA 2:1) saved with the byte tokenizer, and a small corpus."""
+    root = tmp_path_factory.mktemp("eval")
+    config = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    ByteTokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = "the of sequence ring shard token model rope attention long context data pass key".split()
+    (root / "corpus").mkdir()
+    for i in range(6):
+        text = ". ".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(30))
+        (root / "corpus" / f"doc{i}.txt").write_text(text + ".\n")
+    data = {"sources": [str(root / "corpus")], "cache_dir": str(root / "cache")}
+    return root, data
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= TOL * abs(b)
+
+
+def _sp_worker(model_dir, data):
+    """Every SP setup and the passkey eval on this rank of 2; returns the results."""
+    tokenizer = load_tokenizer(model_dir)
+    mesh = init_mesh(2)
+    out = {}
+    for attention, layout in SP_SETUPS:
+        model = load_model(model_dir, dtype="float32")
+        out[attention, layout] = evaluate_perplexity(model, tokenizer, data, LENGTHS, mesh=mesh, attention=attention,
+                                                     layout=layout, num_sequences=3, buckets=4)
+    out["passkey"] = evaluate_passkey(load_model(model_dir, dtype="float32"), tokenizer, [256], [0.0, 1.0],
+                                      trials=2, mesh=mesh)
+    return out
+
+
+def test_sp_equals_single_process(tiny):
+    root, data = tiny
+    model_dir = str(root / "model")
+    tokenizer = load_tokenizer(model_dir)
+    reference = evaluate_perplexity(load_model(model_dir, dtype="float32"), tokenizer, data, LENGTHS,
+                                    num_sequences=3, buckets=4)
+    ref_keys = evaluate_passkey(load_model(model_dir, dtype="float32"), tokenizer, [256], [0.0, 1.0], trials=2)
+    ranks = run_distributed(_sp_worker, 2, model_dir, data, timeout=240)
+
+    for row in reference["lengths"]:  # every token but the last of each sequence is scored
+        assert row["sequences"] == 3 and row["tokens"] == 3 * (row["length"] - 1)
+        assert sum(b["tokens"] for b in row["buckets"]) == row["tokens"]
+        assert [b["start"] for b in row["buckets"]] == [i * row["length"] // 4 for i in range(4)]
+        assert math.isclose(row["ppl"], math.exp(row["nll"]))
+    for got in ranks:
+        for setup in SP_SETUPS:
+            result = got[setup]
+            assert result["sp_size"] == 2 and (result["attention"], result["layout"]) == setup
+            for row, ref in zip(result["lengths"], reference["lengths"]):
+                assert row["tokens"] == ref["tokens"]
+                assert _close(row["nll"], ref["nll"]), (setup, row["length"], row["nll"], ref["nll"])
+                for b, rb in zip(row["buckets"], ref["buckets"]):
+                    assert b["tokens"] == rb["tokens"] and _close(b["nll"], rb["nll"]), (setup, b, rb)
+        keys = got["passkey"]
+        assert [s["predicted"] for c in keys["cells"] for s in c["samples"]] == \
+               [s["predicted"] for c in ref_keys["cells"] for s in c["samples"]]
+    assert ref_keys["accuracy"] == [[0.0, 0.0]]  # a random model does not find the key
+
+
+def test_cli_ppl_writes_json_plot_and_compares(tiny, tmp_path, capsys):
+    root, data = tiny
+    common = ["eval", "ppl", "--model", str(root / "model"), "--lengths", "64,128", "--data", data["sources"][0],
+              "--cache-dir", data["cache_dir"], "--num-sequences", "2", "--buckets", "4"]
+    assert seqpar_main(common + ["--label", "before", "--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "ppl.json").read_text())
+    assert first["label"] == "before" and [r["length"] for r in first["lengths"]] == [64, 128]
+    assert {"nll", "ppl", "tokens", "buckets"} <= set(first["lengths"][0]) and first["compare"] == []
+    assert (tmp_path / "a" / "ppl.png").stat().st_size > 10_000
+
+    # SP=2 from a single process: the ranks are spawned; same numbers, merged with the first.
+    assert seqpar_main(common + ["--label", "after", "--out", str(tmp_path / "b"), "--sp-size", "2",
+                                 "--compare", str(tmp_path / "a" / "ppl.json")]) == 0
+    merged = json.loads((tmp_path / "b" / "ppl.json").read_text())
+    assert merged["label"] == "after" and merged["sp_size"] == 2
+    assert [c["label"] for c in merged["compare"]] == ["before"]
+    for row, ref in zip(merged["lengths"], first["lengths"]):
+        assert _close(row["nll"], ref["nll"])
+    assert (tmp_path / "b" / "ppl.png").stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert "| length | after ppl | before ppl |" in table and "| 128 |" in table
+
+    # Only merging existing results (no --model).
+    assert seqpar_main(["eval", "ppl", "--compare", str(tmp_path / "b"), "--compare", str(tmp_path / "a"),
+                        "--out", str(tmp_path / "c")]) == 0
+    only = json.loads((tmp_path / "c" / "ppl.json").read_text())
+    assert only["label"] == "after" and [c["label"] for c in only["compare"]] == ["before"]
+    with pytest.raises(SystemExit):
+        seqpar_main(["eval", "ppl", "--model", str(root / "model"), "--lengths", "64,66", "--sp-size", "2",
+                     "--data", data["sources"][0], "--cache-dir", data["cache_dir"], "--out", str(tmp_path / "d")])
+
+
+def test_passkey_prompt_places_key_at_depth():
+    tok = ByteTokenizer()
+    starts = []
+    for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
+        key = random_key(0, 512, depth, 0)
+        p = build_prompt(tok, 512, depth, key)
+        assert len(p.input_ids) == 512 and len(key) == 5 and key.isdigit()
+        needle = NEEDLE.format(key=key)
+        assert tok.decode(p.input_ids[p.needle_start:p.needle_start + len(needle)]) == needle
+        assert abs(p.depth - depth) <= 1 / p.filler_tokens
+        assert tok.decode(p.input_ids).endswith(f"What is the pass key? The pass key is {key}")
+        assert p.input_ids[p.answer_start:] == p.answer == list(f" {key}".encode())
+        starts.append(p.needle_start)
+    assert starts == sorted(starts) and starts[0] == p.filler_start
+    question = " What is the pass key? The pass key is"
+    assert starts[-1] + len(NEEDLE.format(key="00000")) == p.answer_start - len(question)
+    with pytest.raises(SeqparError, match="too short"):
+        build_prompt(tok, 128, 0.5, "12345")
+    with pytest.raises(SeqparError, match="depth"):
+        build_prompt(tok, 512, 1.5, "12345")
+
+
+class _CopyDecoder(nn.Module):
+    """An induction head by lookup: at each token, predict what followed the last earlier
+    occurrence of the preceding `k` tokens (one-hot hidden states over the vocabulary)."""
+
+    def __init__(self, vocab: int, k: int = 8):
+        super().__init__()
+        self.vocab, self.k = vocab, k
+
+    def forward(self, input_ids, position_ids=None, use_cache=None, **kwargs):
+        ids = input_ids[0].tolist()
+        hidden = torch.zeros(1, len(ids), self.vocab)
+        seen = {}
+        for t in range(len(ids)):
+            gram = tuple(ids[max(0, t - self.k + 1):t + 1])
+            if gram in seen:
+                hidden[0, t, seen[gram]] = 1.0
+            if t + 1 < len(ids):
+                seen[gram] = ids[t + 1]
+        return (hidden,)
+
+
+class _CopyModel(nn.Module):
+    def __init__(self, vocab: int = 260):
+        super().__init__()
+        self.decoder = _CopyDecoder(vocab)
+        self.head = nn.Linear(vocab, vocab, bias=False)
+        nn.init.eye_(self.head.weight)
+
+    def get_decoder(self):
+        return self.decoder
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_passkey_scores_a_copying_model_perfectly():
+    result = evaluate_passkey(_CopyModel(), ByteTokenizer(), [256, 512], [0.0, 0.5, 1.0], trials=3, seed=1)
+    assert result["accuracy"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    samples = [s for c in result["cells"] for s in c["samples"]]
+    assert len(samples) == 18 and all(s["predicted"] == " " + s["key"] for s in samples)
+    assert len({s["key"] for s in samples}) > 1  # different keys per trial
+
+
+def test_length_parsing():
+    assert parse_length("4096") == 4096 and parse_length("1k") == 1024 and parse_length("32K") == 32768
+    assert parse_length("1m") == 1 << 20 and parse_length("1.5k") == 1536 and parse_length(" 2K ") == 2048
+    assert parse_lengths("4k,1k,2k,1K") == [1024, 2048, 4096]
+    assert parse_lengths(["128", 64]) == [64, 128]
+    for bad in ("", "k", "1.3k", "1x", "-5", "1"):
+        with pytest.raises(SeqparError):
+            parse_lengths(bad)
+    assert [format_length(n) for n in (1024, 3 << 20, 1000, 1536)] == ["1K", "3M", "1000", "1536"]
