@@ -14,6 +14,7 @@ names the fix; a failed rank of a spawned run exits with status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -89,6 +90,15 @@ def _run_build_ext(args) -> int:
     return 0 if status.loaded else 1  # ahead of time, a failed build is an error
 
 
+def _run_bench_loss(args) -> int:
+    from .bench.loss import run_loss_memory_bench
+
+    lengths = [int(x) for x in args.seq_len.split(",")]
+    run_loss_memory_bench(lengths, vocab=args.vocab, hidden=args.hidden, dtype=args.dtype,
+                          chunk_size=args.chunk_size, mem_limit_gib=args.mem_limit_gib)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqpar", description="Exact sequence-parallel attention for long-context training.")
@@ -116,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time, bytes sent (measured vs theoretical) and peak memory per rank of "
                     "sequence-parallel attention forward+backward on spawned processes, "
                     "against one process doing the whole sequence."))
+    loss = benches.add_parser(
+        "loss", help="peak memory of the LM-head loss step: transformers' default vs seqpar tiled",
+        description="One loss forward+backward per path and length, each in its own process; "
+                    "peak memory above the inputs, as a ratio to transformers' default path.")
+    loss.add_argument("--seq-len", default="4096,8192", help="comma-separated token counts")
+    loss.add_argument("--vocab", type=int, default=131072)
+    loss.add_argument("--hidden", type=int, default=256)
+    loss.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    loss.add_argument("--chunk-size", type=int, default=None, help="tokens per tile (default: ~256 MiB of logits)")
+    loss.add_argument("--mem-limit-gib", type=float, default=None,
+                      help="cap each process's memory so a path that does not fit fails cleanly")
+    loss.set_defaults(func=_run_bench_loss)
     bench.set_defaults(func=lambda args: _missing(bench))
 
     from .eval.cli import add_eval_commands  # seqpar eval ppl | passkey (seqpar/eval/cli.py)
@@ -134,9 +156,17 @@ def _missing(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def _quiet_library_progress_bars() -> None:
+    """seqpar prints its own progress; per-rank library bars would interleave N times."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_library_progress_bars()
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
