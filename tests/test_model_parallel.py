@@ -16,7 +16,8 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from seqpar import SeqparError
 from seqpar.model import parallelize, shard_batch
@@ -39,6 +40,8 @@ def tiny_model(family: str, yarn: bool, seed: int = 0):
         config, cls = LlamaConfig(num_key_value_heads=1, **common), LlamaForCausalLM
     elif family == "qwen2":
         config, cls = Qwen2Config(num_key_value_heads=2, use_sliding_window=False, **common), Qwen2ForCausalLM
+    elif family == "mistral":
+        config, cls = MistralConfig(num_key_value_heads=2, sliding_window=None, **common), MistralForCausalLM
     else:
         config, cls = Qwen3Config(num_key_value_heads=2, use_sliding_window=False, **common), Qwen3ForCausalLM
     config._attn_implementation = "eager"
@@ -165,3 +168,38 @@ def test_bad_setups_raise_clear_errors():
     assert "choose one of contiguous" in errors["layout"]
     assert "multiple of 4" in errors["seq len"]
     assert "shard_batch" in errors["no plan inputs"]
+
+
+def checkpointing_and_bf16():
+    """Gradient checkpointing gives the same loss and grads; bf16 runs and stays close."""
+    failures = check_model("mistral", False, "ring", "zigzag", 1, 16, fused_rope=True)
+    world = dist.get_world_size()
+    for dtype, checkpointing, tol in ((torch.float32, True, 1e-5), (torch.bfloat16, False, 3e-2)):
+        restore_rope()
+        reference = tiny_model("llama", yarn=True)
+        input_ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(3))
+        ref_loss = reference(input_ids=input_ids, labels=input_ids).loss
+        ref_loss.backward()
+        model = copy.deepcopy(reference).to(dtype)
+        model.zero_grad()
+        model = parallelize(model, init_mesh(world), attention="ring", layout="zigzag")
+        if checkpointing:
+            model.train()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mesh = model.seqpar_plan.mesh
+        loss = model(**shard_batch({"input_ids": input_ids}, mesh)).loss
+        loss.backward()
+        if abs(loss.item() - ref_loss.item()) > tol * ref_loss.item():
+            failures.append(f"{dtype} checkpointing={checkpointing}: loss {loss.item()} vs {ref_loss.item()}")
+        for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
+            grad = p.grad.float().clone()
+            dist.all_reduce(grad, group=mesh.sp_group)
+            err = relative_error(grad, ref_p.grad)
+            if not err < tol:
+                failures.append(f"{dtype} checkpointing={checkpointing}: grad {name} relative error {err:.2e}")
+    return failures
+
+
+def test_mistral_gradient_checkpointing_and_bf16():
+    failures = sorted({f for rank in run_distributed(checkpointing_and_bf16, 2, timeout=300) for f in rank})
+    assert not failures, "\n".join(failures)
