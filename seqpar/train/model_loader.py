@@ -40,11 +40,15 @@ def load_model(cfg, ds_config: dict, config=None):
     config = config or model_config(cfg)
     dtype = resolve_dtype(cfg.model.dtype)
     stage3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    # Construction only needs the ZeRO settings. Without train_batch_size DeepSpeed does not
+    # check it against micro x accumulation x world size, which is wrong under SP here
+    # (no mpu at construction: it would count SP ranks as data parallel).
+    construct = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
     # HfDeepSpeedConfig must be alive before from_pretrained/from_config for ZeRO-3.
-    hf_ds = HfDeepSpeedConfig(ds_config) if stage3 else None
+    hf_ds = HfDeepSpeedConfig(construct) if stage3 else None
     if cfg.model.config_file:
         torch.manual_seed(cfg.model.seed)
-        init = deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext()
+        init = deepspeed.zero.Init(config_dict_or_path=construct) if stage3 else contextlib.nullcontext()
         with init:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
