@@ -69,10 +69,10 @@ def _run_bench_attention(args) -> int:
 
 def _run_train(args) -> int:
     from .train.config_io import load_config
-    from .train.loop import train
+    from .train.stages import run_stages
 
     cfg = load_config(args.config, args.set or ())
-    train(cfg, resume=args.resume, stop_after=args.stop_after)
+    run_stages(cfg, resume=args.resume, stop_after=args.stop_after)
     return 0
 
 

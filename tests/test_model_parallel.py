@@ -203,3 +203,39 @@ def checkpointing_and_bf16():
 def test_mistral_gradient_checkpointing_and_bf16():
     failures = sorted({f for rank in run_distributed(checkpointing_and_bf16, 2, timeout=300) for f in rank})
     assert not failures, "\n".join(failures)
+
+
+def tiled_mlp_and_offload():
+    """Tiled MLP (recomputed per tile) and CPU-offloaded saved activations change no number."""
+    restore_rope()
+    world = dist.get_world_size()
+    reference = tiny_model("qwen3", yarn=False)
+    input_ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(4))
+    results = []
+    for kw in ({}, {"tiled_mlp": 5}, {"offload_activations": True, "tiled_mlp": 3}):
+        model = parallelize(copy.deepcopy(reference), init_mesh(world), attention="ring", layout="zigzag", **kw)
+        tiled = [getattr(layer.mlp.forward, "seqpar_tiled", False) for layer in model.get_decoder().layers]
+        assert all(tiled) == bool(kw.get("tiled_mlp")), tiled
+        mesh = model.seqpar_plan.mesh
+        loss = model(**shard_batch({"input_ids": input_ids}, mesh)).loss
+        loss.backward()
+        grads = []
+        for p in model.parameters():
+            g = p.grad.clone()
+            dist.all_reduce(g, group=mesh.sp_group)
+            grads.append(g)
+        results.append((loss.item(), grads))
+    failures = []
+    base_loss, base_grads = results[0]
+    for (loss, grads), kw in zip(results[1:], ("tiled_mlp", "offload+tiled")):
+        if abs(loss - base_loss) > 1e-6 * base_loss:
+            failures.append(f"{kw}: loss {loss} != {base_loss}")
+        worst = max(relative_error(a, b) for a, b in zip(grads, base_grads))
+        if not worst < 1e-6:
+            failures.append(f"{kw}: grads differ by {worst:.2e}")
+    return failures
+
+
+def test_tiled_mlp_and_activation_offload_are_exact():
+    failures = sorted({f for rank in run_distributed(tiled_mlp_and_offload, 2, timeout=300) for f in rank})
+    assert not failures, "\n".join(failures)

@@ -142,3 +142,25 @@ def test_zero3_trains_like_zero2_and_exports_gathered_weights(runs):
     with torch.no_grad():
         a, b = zero3(ids).logits, zero2(ids).logits
     assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+def test_staged_schedule_with_evals(tmp_path):
+    """Two stages (128 then 256 tokens, its own steps and lr), stage 2 starting from stage
+    1's export with RoPE re-extended, evals at each stage end; a rerun skips finished stages."""
+    stages = "stages=[{train.seq_len: 128, train.steps: 3, train.lr: 0.002}, " \
+             "{train.seq_len: 512, train.steps: 2, train.lr: 0.001}]"
+    evals = 'eval={ppl: {lengths: "128,256", data: {sources: [stdlib], max_documents: 20}, num_sequences: 2}}'
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="2")
+    cmd = ["bash", "launch/cpu_gloo.sh", "configs/tiny_cpu_demo.yaml", "--set", "parallel.sp_size=2",
+           "--set", "train.warmup_steps=1", "--set", "data.max_documents=40",
+           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"checkpoint.dir={tmp_path / 'run'}",
+           "--set", "checkpoint.every=0", "--set", f"log.dir={tmp_path / 'logs'}", "--set", stages, "--set", evals]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    stage2 = json.loads((tmp_path / "run" / "stage2" / "hf" / "config.json").read_text())
+    assert stage2["rope_parameters"]["rope_type"] == "yarn" and stage2["max_position_embeddings"] == 512
+    assert stage2["rope_parameters"]["factor"] == 2.0  # 512 / the model's original 256
+    for stage in ("stage1", "stage2"):
+        assert (tmp_path / "run" / stage / "eval" / "ppl.json").is_file()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already finished") == 2, again.stdout[-3000:]

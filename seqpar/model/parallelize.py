@@ -9,6 +9,9 @@ loss sharded over the SP group (tiled, so [seq, vocab] logits never exist at onc
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import SeqparError
@@ -17,6 +20,7 @@ from .attention import (ALGORITHMS, ATTN_IMPLEMENTATION, SeqParallelPlan, check_
                         register_attention)
 from .loss import sharded_cross_entropy
 from .rope import use_fused_rope
+from .tiled_mlp import use_tiled_mlp
 
 # Config fields that rescale logits after the LM head; the sharded loss does not apply them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -43,12 +47,18 @@ def _check_supported(model, algorithm: str, layout: str) -> None:
 
 
 def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
-                fused_rope: bool = True, tiled_loss: bool = True):
+                fused_rope: bool = True, tiled_loss: bool = True, tiled_mlp: int | None = None,
+                offload_activations: bool = False):
     """Make `model` (any RoPE causal LM of transformers) run sequence-parallel over `mesh`.
 
     Afterwards, on every SP rank, `model(**seqpar.model.shard_batch(batch, mesh,
     layout=layout)).loss` is the mean token loss of the unsharded batch, and the sum of
     parameter gradients over the SP group is the unsharded gradient. Returns `model`.
+
+    `tiled_mlp=N` runs each layer's MLP in tiles of N tokens, recomputed in backward
+    (same numbers, less activation memory). `offload_activations=True` keeps the tensors
+    saved for backward in (pinned) CPU memory; with gradient checkpointing on, those are
+    just the layers' input hidden states.
     """
     _check_supported(model, attention, layout)
     plan = SeqParallelPlan(mesh=mesh, algorithm=attention, layout=layout)
@@ -57,12 +67,14 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if fused_rope:
         use_fused_rope(model)
+    if tiled_mlp:
+        use_tiled_mlp(model, tiled_mlp)
     model.seqpar_plan = plan
-    model.forward = _sharded_forward(model, plan, tiled_loss)
+    model.forward = _sharded_forward(model, plan, tiled_loss, offload_activations)
     return model
 
 
-def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool):
+def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool, offload_activations: bool = False):
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
 
@@ -75,6 +87,12 @@ def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool):
             raise SeqparError("pass padding to seqpar.model.shard_batch (it turns attention_mask "
                               "into document ids and ignored labels), not to the model.")
         kwargs.pop("num_items_in_batch", None)  # the sharded loss counts tokens itself
+        saved = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+                 if offload_activations else contextlib.nullcontext())
+        with saved:
+            return _run(input_ids, labels, position_ids, doc_ids, inputs_embeds, kwargs)
+
+    def _run(input_ids, labels, position_ids, doc_ids, inputs_embeds, kwargs):
         hidden = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
                          use_cache=False, seqpar_plan=plan, seqpar_doc_ids=doc_ids, **kwargs)[0]
         if labels is None:

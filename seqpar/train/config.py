@@ -42,6 +42,8 @@ class ParallelConfig:
     layout: str = "zigzag"  # zigzag | contiguous | stripe
     fused_rope: bool = True
     tiled_loss: bool = True
+    tiled_mlp: int | None = None  # tokens per MLP tile (recomputed in backward); None = plain MLP
+    offload_activations: bool = False  # tensors saved for backward live in pinned CPU memory
 
 
 @dataclass
@@ -95,3 +97,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # Staged length schedule: each stage is a mapping of `--set`-style overrides, e.g.
+    # {train.seq_len: 32768, train.steps: 500, train.lr: 1e-5}; stage k+1 starts from
+    # stage k's Hugging Face export (seqpar/train/stages.py). Empty: one stage.
+    stages: list = field(default_factory=list)
+    # Evaluations at the end of each stage (seqpar.eval.cli.run_evals), e.g.
+    # {ppl: {lengths: "1k,4k", data: {sources: [stdlib], max_documents: 50}}}. Empty: none.
+    eval: dict = field(default_factory=dict)

@@ -148,7 +148,7 @@ def _unknown_key(key, cls, prefix: str, where: str) -> SeqparError:
         hint = f" Did you mean '{prefix}{close[0]}'?"
     elif cls is RunConfig:  # a field written at the top level or in the wrong section
         for section, sub in _hints(RunConfig).items():
-            if str(key) in {f.name for f in dataclasses.fields(sub)}:
+            if dataclasses.is_dataclass(sub) and str(key) in {f.name for f in dataclasses.fields(sub)}:
                 hint = f" Did you mean '{section}.{key}'?"
                 break
     where_keys = f"in section {prefix[:-1]!r}" if prefix else "at the top level"

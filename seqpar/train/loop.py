@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,29 +19,42 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import SeqparError
 from ..model import parallelize, shard_batch
 from ..parallel import init_mesh
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
 from .metrics import MetricsLogger, peak_memory_gib, peak_tflops, training_flops_per_token
-from .config_io import config_hash
+from .config_io import config_hash, dump_config
 from .model_loader import load_model, model_config, resolve_dtype
-from .safety import GracefulStop, agree_on_run, check_finite, run_fingerprint
+from .safety import (GracefulStop, agree_on_run, batch_fingerprint, check_every_step, check_finite,
+                     config_fingerprint, raise_together, run_fingerprint)
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the job however it was launched: torchrun/deepspeed env vars, or mpirun (MPI)."""
     import deepspeed
+    import deepspeed.comm as ds_comm
 
+    if ds_comm.is_initialized():
+        return
     # Also when torch.distributed is already up (tests, notebooks): DeepSpeed's comm
     # layer must be initialised over it.
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     from_mpi = not dist.is_initialized() and "RANK" not in os.environ and any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK"))
     # MPI discovery sets MASTER_PORT from distributed_port: keep the one the launcher chose.
     # A dead or stuck rank fails every collective after this timeout instead of hanging.
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # Subgroups (DeviceMesh dims, the SP group, DeepSpeed's groups) are created without a
+    # timeout and so get torch's module default (30 min), not the world group's: a stopped
+    # rank then hung ring attention's p2p for 30 min. Make the default this run's timeout.
+    from torch.distributed import distributed_c10d as c10d
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), datetime.timedelta):
+            setattr(c10d, name, timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=from_mpi, verbose=False,
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+                               timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -64,6 +78,7 @@ class Trainer:
     zero3: bool
     loss_scale: float = 1.0  # see engine.sp_loss_scale
     step: int = 0
+    batch_checked: bool = False  # shard shapes/dtypes agreed on (once; every step with SEQPAR_CHECK_EVERY_STEP=1)
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -72,6 +87,11 @@ class Trainer:
         for _ in range(cfg.train.gradient_accumulation_steps):
             batch = next(self.batches)
             shard = shard_batch(batch, self.mesh, layout=cfg.parallel.layout)
+            if not self.batch_checked or check_every_step():
+                # Shards of different lengths would make ring attention's exchanges mismatch:
+                # gloo aborts one rank and can leave another with wrong numbers.
+                agree_on_run(batch_fingerprint(shard), what=f"the sharded batch at step {self.step + 1}")
+                self.batch_checked = True
             shard = {k: v.to(self.engine.device) for k, v in shard.items()}
             loss = self.engine(**shard).loss
             check_finite(loss.detach(), self.step + 1)
@@ -85,6 +105,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * self.mesh.dp_size
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            check_finite(torch.as_tensor(float(grad_norm)), self.step + 1, name="gradient norm")
         metrics = {"loss": mean_loss, "lr": self.engine.get_lr()[0],
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_mem_gib": peak_memory_gib()}
@@ -101,8 +123,15 @@ class Trainer:
                               rank_state={"data": self.batches.state_dict(), "rng": rng_state()})
 
     def resume(self) -> bool:
-        if self.checkpoints.latest() is None:
+        latest = self.checkpoints.latest()
+        # Collective from here on: all ranks must take the same branch (and checkpoint).
+        agree_on_run({"resume_from": latest.name if latest else None}, what="the checkpoint to resume from")
+        if latest is None:
             return False
+        partial = self.checkpoints.incomplete_checkpoints()
+        if partial and dist.get_rank() == 0:
+            print(f"[seqpar] ignoring incomplete checkpoint(s) from an interrupted save: "
+                  f"{', '.join(p.name for p in partial)}", flush=True)
         client, rank_state = self.checkpoints.load(self.engine)
         self.step = int(client["step"])
         self.batches.load_state_dict(rank_state["data"])
@@ -114,18 +143,25 @@ def setup(cfg) -> Trainer:
     from ..data import BatchIterator, build_packed_dataset, load_tokenizer
     from .validate import validate_config
 
-    init_distributed(cfg.train.dist_timeout_minutes)
+    timeout = cfg.train.dist_timeout_minutes
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise SeqparError(f"train.dist_timeout_minutes must be a positive number of minutes, got {timeout!r}.")
+    init_distributed(timeout)
     world = dist.get_world_size()
-    validate_config(cfg, world)  # files, sizes, names: before anything heavy
-    config = model_config(cfg)
-    validate_config(cfg, world, model_config=config)
+    # First collective: every rank must run the same config, or later collectives mismatch.
+    agree_on_run({"world_size": world, **config_fingerprint(dump_config(cfg))}, what="the run config")
+    # A problem seen by one rank only (e.g. a file missing on its node) stops every rank.
+    raise_together(validate_config, cfg, world)  # files, sizes, names: before anything heavy
+    config = raise_together(model_config, cfg)
+    raise_together(validate_config, cfg, world, model_config=config)
     seed_everything(cfg.train.seed)
     mesh = init_mesh(cfg.parallel.sp_size, cfg.parallel.ulysses_size)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     ds_config = deepspeed_config(cfg, mesh.dp_size, bf16)
     model, hf_ds = load_model(cfg, ds_config, config)
     model = parallelize(model, mesh, attention=cfg.parallel.attention, layout=cfg.parallel.layout,
-                        fused_rope=cfg.parallel.fused_rope, tiled_loss=cfg.parallel.tiled_loss)
+                        fused_rope=cfg.parallel.fused_rope, tiled_loss=cfg.parallel.tiled_loss,
+                        tiled_mlp=cfg.parallel.tiled_mlp, offload_activations=cfg.parallel.offload_activations)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
@@ -182,6 +218,17 @@ def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict
             export_hf(trainer.model, cfg.checkpoint.export_hf, trainer.tokenizer, zero3=trainer.zero3)
             if rank0:
                 print(f"[seqpar] exported Hugging Face model to {cfg.checkpoint.export_hf}", flush=True)
+    except Exception as e:
+        if not isinstance(e, SeqparError):  # those are already clear and raised on every rank
+            # The survivors of a dead or hung peer see only a backend error (connection reset,
+            # timed out); say where this rank was and how to go on. The launcher's summary
+            # (torchrun) names the rank that died first.
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"[seqpar] rank {dist.get_rank()} failed after step {trainer.step}: {type(e).__name__}: "
+                  f"{first}\n[seqpar] if a peer rank died or hung, this rank's collectives fail too; the "
+                  f"launcher's summary names the rank that failed first. Last complete checkpoint: "
+                  f"{trainer.checkpoints.latest()}; continue with --resume.", file=sys.stderr, flush=True)
+        raise
     finally:
         stop.restore()
         logger.close()

@@ -1,0 +1,37 @@
+"""Tiled MLP: each decoder layer's MLP runs over sequence tiles, recomputed in backward.
+
+The MLP is per token, so tiling along the sequence changes no number. What it changes is
+memory: a plain MLP keeps [seq, intermediate] activations (gate, up, their product) of
+the whole shard alive for backward (intermediate is ~3.5x hidden); tiled, only one tile's
+exist at a time and backward recomputes them tile by tile from the tile's input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _tiled_forward(plain_forward, tile_tokens: int):
+    def forward(hidden_states, *args, **kwargs):
+        seq = hidden_states.shape[1]
+        if seq <= tile_tokens or not torch.is_grad_enabled():
+            return plain_forward(hidden_states, *args, **kwargs)
+        tiles = hidden_states.split(tile_tokens, dim=1)
+        outs = [checkpoint(plain_forward, tile, *args, use_reentrant=False, **kwargs) for tile in tiles]
+        return torch.cat(outs, dim=1)
+
+    forward.seqpar_tiled = True
+    return forward
+
+
+def use_tiled_mlp(model, tile_tokens: int = 8192) -> int:
+    """Tile the `mlp` of every decoder layer of `model`; returns how many were tiled."""
+    count = 0
+    for layer in model.get_decoder().layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or getattr(mlp.forward, "seqpar_tiled", False):
+            continue
+        mlp.forward = _tiled_forward(mlp.forward, tile_tokens)
+        count += 1
+    return count
