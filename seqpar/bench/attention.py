@@ -253,6 +253,9 @@ class PeakMemory:
             out["vmhwm_bytes"] = hwm
             peak = hwm if self.method == "VmHWM" and hwm is not None else maxrss
         out["peak_bytes"] = peak
+        out["now_bytes"] = _rss_bytes() if self.device.type != "cuda" else None
+        if self.device.type == "cuda":
+            out["now_bytes"] = torch.cuda.memory_allocated(self.device)
         out["peak_extra_bytes"] = max(0, peak - self.baseline)
         return out
 

@@ -1,0 +1,254 @@
+"""A model of one rank's memory during a training step, term by term.
+
+    from seqpar.plan.memory import ModelShape, RunShape, estimate
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(...))
+    print(estimate(shape, RunShape(seq_len=131072, world=8, sp_size=8, zero=3)).total)
+
+What is counted (b = bytes per parameter/activation element, 2 for bf16, 4 for fp32;
+Psi = parameter count; N = ZeRO partitions = all ranks; t = tokens on this rank):
+
+- parameters: b*Psi, /N under ZeRO-3 (plus the gathered copy of the largest layer and
+  the one being prefetched); 0 on the GPU with ZeRO-3 parameter offload.
+- gradients: ZeRO-0/1 keep full gradients (b*Psi); ZeRO-2/3 reduce them through a bucket
+  (`reduce_bucket_size` elements) into a partition.
+- optimizer: DeepSpeed's fp32 partition per rank: master weights (4), Adam m and v (8),
+  float32 gradient partition (4) = 16*Psi/N (as DeepSpeed's own estimators); 0 on the
+  GPU with optimizer offload.
+- activations kept for backward: counted per token from what the Llama-family layer
+  saves (`saved_per_layer_token`; tests/test_plan.py checks it against the tensors
+  autograd actually saves), times layers and t. Gradient checkpointing keeps one
+  hidden state per layer; offloaded activations keep none on the GPU.
+- transient: the largest short-lived working set on top of those: the loss tile or
+  logits, one layer's backward (with checkpointing: its recomputed activations), the
+  tiled MLP's tile, the optimizer step's temporary, DeepSpeed's flattening at start-up.
+- comm buffers: the K/V blocks in flight in ring attention (and the float32 dK/dV),
+  Ulysses' all-to-all buffers.
+
+The peak is taken as the largest of three moments (start-up, end of forward/start of
+backward, optimizer step); `bench memory` compares it with measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+GIB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# DeepSpeed defaults when its JSON does not set them (deepspeed/runtime/zero/config.py).
+DS_REDUCE_BUCKET = 500_000_000
+DS_PREFETCH_BUCKET = 50_000_000
+LOSS_CHUNK_LOGITS_BYTES = 256 << 20  # seqpar.model.loss.CHUNK_LOGITS_BYTES
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    params: int  # every parameter, counted on the meta device
+    largest_layer_params: int  # the biggest module ZeRO-3 gathers at once
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # exact counts without allocating anything
+            model = AutoModelForCausalLM.from_config(config)
+        layers = model.get_decoder().layers
+        per_module = [sum(p.numel() for p in layers[0].parameters()),
+                      model.get_input_embeddings().weight.numel(),
+                      model.get_output_embeddings().weight.numel()]
+        heads = config.num_attention_heads
+        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size,
+                   intermediate=config.intermediate_size, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   vocab=config.vocab_size, params=sum(p.numel() for p in model.parameters()),
+                   largest_layer_params=max(per_module))
+
+
+@dataclass
+class RunShape:
+    seq_len: int
+    world: int = 1  # ranks (GPUs) in the run
+    sp_size: int = 1
+    ulysses_size: int = 1
+    attention: str = "ring"  # ring | ulysses | hybrid
+    zero: int = 2
+    dtype: str = "bfloat16"
+    micro_batch: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
+    tiled_mlp: int | None = None
+    offload_activations: bool = False
+    tiled_loss: bool = True
+    plain_transformers: bool = False  # transformers' own attention and loss, no seqpar
+    reduce_bucket: int = DS_REDUCE_BUCKET
+    prefetch_bucket: int = DS_PREFETCH_BUCKET
+    device: str = "cuda"  # cpu: buffers count only where they are written (RSS)
+
+
+@dataclass
+class MemoryEstimate:
+    parameters: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    transient: int = 0
+    comm_buffers: int = 0
+    cpu_offloaded: int = 0  # host memory per rank taken by offloads (not in total)
+    peak_moment: str = ""
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def states(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.states + self.activations + self.transient + self.comm_buffers
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "states": self.states, "total": self.total}
+
+
+def saved_per_layer_token(shape: ModelShape, b: int, *, plain: bool = False,
+                          tiled_mlp: bool = False) -> int:
+    """Bytes one decoder layer keeps for backward per token (no checkpointing).
+
+    RMSNorm (x2): the float32 upcast of its input, the normalised value and its output in
+    the model dtype (4 + 2b per hidden unit; with fp32 the upcast is the input itself),
+    and a float32 rsqrt. Attention: rotated q and k, v and the output (seqpar's op also a
+    float32 log-sum-exp per head); transformers' SDPA path repeats K/V to all heads and
+    copies the output once more before o_proj. MLP: gate, up, act(gate), act*up.
+    """
+    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norms = 2 * ((4 + 2 * b) * h + 4)
+    if plain:
+        attention = b * (3 * q + 2 * q) + 4 * shape.heads  # q, K/V repeated, out, out copy; lse
+    else:
+        attention = b * (2 * q + 2 * kv) + 4 * shape.heads
+    mlp = 0 if tiled_mlp else 4 * shape.intermediate * b
+    return norms + attention + mlp
+
+
+def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
+    """Parameters and optimizer states (alive all the time), gradients (during backward)."""
+    psi, n = shape.params, run.world
+    out = {"parameters": b * psi, "optimizer": 12 * psi // n, "gradients": b * psi, "cpu": 0}
+    if run.zero == 0:
+        out["optimizer"] = (8 if b == 4 else 16) * psi  # Adam m, v (+ fp32 master and grads)
+    if run.zero >= 2:  # reduced through the bucket into this rank's partition
+        bucket = min(run.reduce_bucket, psi) if run.device == "cpu" else run.reduce_bucket
+        out["gradients"] = b * (psi // n + bucket)
+    if run.zero == 3:
+        live = 2 * shape.largest_layer_params  # the gathered layer and the prefetched next one
+        out["parameters"] = b * (psi // n + live)
+        if run.offload_params:
+            out["cpu"] += b * psi // n
+            out["parameters"] = b * live
+    if run.offload_optimizer:
+        out["cpu"] += out["optimizer"] + 4 * psi // n
+        out["optimizer"] = 0
+    return out
+
+
+def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
+    plain, h, v = run.plain_transformers, shape.hidden, shape.vocab
+    layer = saved_per_layer_token(shape, b, plain=plain, tiled_mlp=bool(run.tiled_mlp) and not plain)
+    per_layer = b * h if run.gradient_checkpointing else layer
+    rope_tables = 0 if run.gradient_checkpointing else 2 * shape.head_dim * b
+    final_norm = (4 + 2 * b) * h
+    loss_saved = 4 * v if plain or not run.tiled_loss else 0  # log-softmax output
+    saved = t * (shape.layers * per_layer + rope_tables + final_norm + loss_saved + 32)
+    if run.offload_activations and run.device != "cpu":
+        saved = t * (final_norm + loss_saved)  # save_on_cpu: only the loss part stays
+    # The largest short-lived working set at the end of forward / during backward.
+    if plain or not run.tiled_loss:
+        loss = t * v * (b + 4 + (4 if b != 4 else 0))  # logits, fp32 grad, fp32 upcast
+    else:
+        chunk = min(t, max(1, LOSS_CHUNK_LOGITS_BYTES // (4 * v)))
+        loss = chunk * v * (4 + b) + 4 * v * h + 4 * t  # chunk logits (+ cast), fp32 dW, lse
+    recompute = t * layer if run.gradient_checkpointing else 0
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    layer_grads = t * 4 * max(3 * h, 2 * shape.intermediate, q + 2 * kv)  # fp32 grads in flight
+    if run.tiled_mlp and not plain:
+        layer_grads = max(layer_grads, min(t, run.tiled_mlp) * 4 * shape.intermediate * b)
+    return {"saved": saved, "loss": loss, "layer_backward": recompute + layer_grads}
+
+
+def _comm(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
+    if run.plain_transformers or run.sp_size == 1:
+        return 0
+    kv = shape.kv_heads * shape.head_dim
+    q = shape.heads * shape.head_dim
+    ring = run.sp_size // run.ulysses_size
+    total = 0
+    if run.attention in ("ulysses", "hybrid"):
+        total += 2 * t * (q + 2 * kv) * b  # all-to-all send and receive of q, k, v
+    if run.attention in ("ring", "hybrid") and ring > 1:
+        local = t * (run.ulysses_size if run.attention == "hybrid" else 1)
+        total += 2 * local * 2 * kv * b // (run.ulysses_size if run.attention == "hybrid" else 1)
+        total += 2 * local * 2 * kv * 4 // (run.ulysses_size if run.attention == "hybrid" else 1)
+    return total
+
+
+def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
+    b = DTYPE_BYTES[run.dtype]
+    sp = 1 if run.plain_transformers else run.sp_size
+    t = run.micro_batch * run.seq_len // sp
+    states = _states(shape, run, b)
+    acts = _activations(shape, run, b, t)
+    comm = _comm(shape, run, b, t)
+    # Parameters and optimizer states are always there; on top of them, the largest of:
+    moments = {
+        # the loss: every activation saved, the loss's logits (or one tile of them)
+        "loss": {"activations": acts["saved"], "transient": acts["loss"]},
+        # the last layer's backward: activations, gradients filling up, comm buffers
+        "layer backward": {"activations": acts["saved"], "gradients": states["gradients"],
+                           "transient": acts["layer_backward"], "comm_buffers": comm},
+        # Adam's step: the float32 gradient partition and one temporary of its size
+        "optimizer step": {"gradients": 0 if run.offload_optimizer else 8 * shape.params // run.world},
+        # ZeRO-1/2 flatten the model's parameters into one buffer at start-up
+        "start-up": {"transient": b * shape.params if run.zero in (1, 2) else 0},
+    }
+    peak = max(moments, key=lambda m: sum(moments[m].values()))
+    est = MemoryEstimate(parameters=states["parameters"], optimizer=states["optimizer"],
+                         cpu_offloaded=states["cpu"], peak_moment=peak, **moments[peak])
+    est.detail = {"tokens_per_rank": t, "gradients_in_backward": states["gradients"],
+                  "moments": {m: sum(v.values()) for m, v in moments.items()},
+                  **{f"act_{k}": v for k, v in acts.items()}}
+    return est
+
+
+def plan_for_run(cfg, world: int, *, device: str = "cuda", plain_transformers: bool = False,
+                 config=None) -> MemoryEstimate:
+    """The estimate for a seqpar run config (`seqpar.train.config.RunConfig`) on `world` ranks."""
+    from ..train.engine import load_deepspeed_config
+    from ..train.model_loader import model_config
+
+    ds = load_deepspeed_config(cfg.train.deepspeed_config)
+    zero = ds.get("zero_optimization", {})
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    run = RunShape(
+        seq_len=cfg.train.seq_len, world=world, sp_size=cfg.parallel.sp_size,
+        ulysses_size=cfg.parallel.ulysses_size, attention=cfg.parallel.attention,
+        zero=int(zero.get("stage", 0)), dtype=dtype, micro_batch=cfg.train.micro_batch_size,
+        offload_optimizer=_offloads(zero.get("offload_optimizer")),
+        offload_params=_offloads(zero.get("offload_param")),
+        gradient_checkpointing=cfg.model.gradient_checkpointing, tiled_mlp=cfg.parallel.tiled_mlp,
+        offload_activations=cfg.parallel.offload_activations, tiled_loss=cfg.parallel.tiled_loss,
+        plain_transformers=plain_transformers,
+        reduce_bucket=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), device=device)
+    return estimate(ModelShape.from_config(config or model_config(cfg)), run)
+
+
+def _offloads(section) -> bool:
+    return bool(section) and section.get("device", "none") not in (None, "none")
