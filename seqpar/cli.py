@@ -4,6 +4,8 @@
     seqpar train CONFIG.yaml [--set section.key=value ...] [--resume]
     seqpar bench attention --algo ring,ulysses,hybrid --world-size 4 --seq-len 4096
     seqpar build-ext
+    seqpar plan --model configs/models/llama3_8b_shape.json --seq-len 128k --gpus 8 --gpu-mem 80GiB
+    seqpar bench memory --model configs/models/bench_small.json --seq-len 2048,4096 --world-size 2
     seqpar eval ppl --model DIR --lengths 1k,2k,4k [--sp-size N] [--compare OTHER/ppl.json]
     seqpar eval passkey --model DIR --lengths 256,1k --depths 0,0.5,1
 
@@ -138,10 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--mem-limit-gib", type=float, default=None,
                       help="cap each process's memory so a path that does not fit fails cleanly")
     loss.set_defaults(func=_run_bench_loss)
+    from .bench.memory import add_parser as add_memory_bench  # seqpar/bench/memory.py
+    add_memory_bench(benches)
     bench.set_defaults(func=lambda args: _missing(bench))
 
     from .eval.cli import add_eval_commands  # seqpar eval ppl | passkey (seqpar/eval/cli.py)
     add_eval_commands(commands)
+    from .plan.cli import add_plan_command  # seqpar plan (seqpar/plan/cli.py)
+    add_plan_command(commands)
 
     commands.add_parser(
         "build-ext", help="compile the seqpar ops (csrc/) now and say what was built",

@@ -20,7 +20,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from seqpar import SeqparError
-from seqpar.model import parallelize, shard_batch
+from seqpar.model import enable_checkpointing, parallelize, shard_batch
 from seqpar.model.rope import restore_rope
 from seqpar.parallel import init_mesh
 
@@ -185,7 +185,7 @@ def checkpointing_and_bf16():
         model = parallelize(model, init_mesh(world), attention="ring", layout="zigzag")
         if checkpointing:
             model.train()
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         mesh = model.seqpar_plan.mesh
         loss = model(**shard_batch({"input_ids": input_ids}, mesh)).loss
         loss.backward()

@@ -90,6 +90,7 @@ def test_mpirun_launcher_trains(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "step 2/2" in proc.stdout
+    assert "[seqpar] memory plan: ~" in proc.stdout  # the planner runs before every training run
     assert (tmp_path / "ckpt" / "step_00000002" / "COMPLETE").is_file()
 
 

@@ -88,7 +88,7 @@ def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed,
     """Build, wrap and train `steps` steps on random tokens; `mark(name)` after each phase."""
     import torch
 
-    from ..model import parallelize, shard_batch
+    from ..model import enable_checkpointing, parallelize, shard_batch
     from ..parallel import init_mesh
     from ..train.engine import deepspeed_config, initialize_engine, sp_loss_scale
     from ..train.model_loader import load_model, model_config, resolve_dtype
@@ -104,7 +104,7 @@ def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed,
         parallelize(model, mesh, tiled_mlp=variant.tiled_mlp,
                     offload_activations=variant.offload_activations)
     if variant.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     mark("model built")
     engine = initialize_engine(model, cfg, mesh, ds)
     mark("engine ready")
@@ -206,7 +206,7 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
 
 def format_table(rows) -> str:
     lines = ["| variant | seq len | W | ZeRO | measured peak MiB | vs transformers | predicted MiB "
-             "| predicted / measured |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+             "| predicted / measured | predicted peak at |", "|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         base = next((b for b in rows if b["variant"] == "transformers" and b["seq_len"] == r["seq_len"]
                      and b["measured_peak_bytes"]), None)
@@ -215,7 +215,7 @@ def format_table(rows) -> str:
         vs_base = f"{m / base['measured_peak_bytes']:.3f}" if m and base else "-"
         accuracy = f"{p / m:.3f}" if m else "-"
         lines.append(f"| {r['variant']} | {r['seq_len']} | {r['world_size']} | {r['zero']} "
-                     f"| {measured} | {vs_base} | {p / MIB:.0f} | {accuracy} |")
+                     f"| {measured} | {vs_base} | {p / MIB:.0f} | {accuracy} | {r['predicted']['peak_moment']} |")
     lines += ["", "measured: per-rank peak (max over ranks) of the training steps above the memory in "
               "use before the model was built (CPU: VmHWM/RSS with a fixed malloc mmap threshold; "
               "CUDA: torch.cuda.max_memory_allocated); predicted: `seqpar plan`'s model of the same run."]
@@ -225,3 +225,47 @@ def format_table(rows) -> str:
 def write_json(rows, path) -> None:
     with open(path, "w") as f:
         json.dump({"rows": rows}, f, indent=1)
+
+
+def add_parser(benches) -> None:
+    p = benches.add_parser(
+        "memory", help="peak memory per rank of real training steps vs plain transformers and `seqpar plan`",
+        description="Train a few steps of a model (random weights, random tokens) on spawned ranks for "
+                    "each variant and length; print measured peak memory per rank, its ratio to plain "
+                    "transformers + DeepSpeed, and what `seqpar plan` predicts.")
+    p.add_argument("--model", default="configs/models/bench_small.json", metavar="CONFIG",
+                   help="model config file (random init; default configs/models/bench_small.json)")
+    p.add_argument("--seq-len", default="2048,4096", help="comma-separated token counts")
+    p.add_argument("--world-size", type=int, default=2, help="ranks; seqpar variants use SP = all of them")
+    p.add_argument("--zero", type=int, choices=(1, 2, 3), default=2, help="ZeRO stage (configs/deepspeed/zeroN.json)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--tiled-mlp", type=int, default=1024, help="tokens per MLP tile for +tiled-mlp")
+    p.add_argument("--steps", type=int, default=2, help="training steps per run (the peak is over all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo ranks; cuda: nccl, one GPU per rank")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per run")
+    p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    from ..errors import SeqparError
+
+    if args.device == "cuda":
+        import torch
+        if torch.cuda.device_count() < args.world_size:
+            raise SeqparError(f"--device cuda needs {args.world_size} GPUs (one per rank); "
+                              f"{torch.cuda.device_count()} visible. Lower --world-size or use --device cpu.")
+    if args.world_size < 1 or args.steps < 1:
+        raise SeqparError("--world-size and --steps must be at least 1.")
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants(names, args.tiled_mlp)  # unknown names fail here, before any process starts
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    rows = run_memory_bench(args.model, [int(x) for x in args.seq_len.split(",")], world_size=args.world_size,
+                            zero=args.zero, dtype=dtype, variant_names=names, tile=args.tiled_mlp,
+                            steps=args.steps, device=args.device, timeout=args.timeout)
+    if args.json:
+        write_json(rows, args.json)
+    return 0 if all(r["error"] is None for r in rows) else 1

@@ -74,6 +74,16 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Per-layer activation checkpointing (non-reentrant: it works with ZeRO-3 hooks and
+    inputs that need no grad). transformers >= 5.2x names it activation_checkpointing_enable."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool, offload_activations: bool = False):
     decoder = model.get_decoder()
     head = model.get_output_embeddings()

@@ -118,22 +118,18 @@ class MemoryEstimate:
         return {**asdict(self), "states": self.states, "total": self.total}
 
 
-def saved_per_layer_token(shape: ModelShape, b: int, *, plain: bool = False,
-                          tiled_mlp: bool = False) -> int:
+def saved_per_layer_token(shape: ModelShape, b: int, *, tiled_mlp: bool = False) -> int:
     """Bytes one decoder layer keeps for backward per token (no checkpointing).
 
     RMSNorm (x2): the float32 upcast of its input, the normalised value and its output in
     the model dtype (4 + 2b per hidden unit; with fp32 the upcast is the input itself),
-    and a float32 rsqrt. Attention: rotated q and k, v and the output (seqpar's op also a
-    float32 log-sum-exp per head); transformers' SDPA path repeats K/V to all heads and
-    copies the output once more before o_proj. MLP: gate, up, act(gate), act*up.
+    and a float32 rsqrt. Attention: rotated q and k, v and the output, and a float32
+    log-sum-exp per head (seqpar's op and transformers' SDPA path alike: SDPA's GQA
+    expansion is a view). MLP: gate, up, act(gate), act*up; none with the tiled MLP.
     """
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     norms = 2 * ((4 + 2 * b) * h + 4)
-    if plain:
-        attention = b * (3 * q + 2 * q) + 4 * shape.heads  # q, K/V repeated, out, out copy; lse
-    else:
-        attention = b * (2 * q + 2 * kv) + 4 * shape.heads
+    attention = b * (2 * q + 2 * kv) + 4 * shape.heads
     mlp = 0 if tiled_mlp else 4 * shape.intermediate * b
     return norms + attention + mlp
 
@@ -161,25 +157,29 @@ def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
 
 def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     plain, h, v = run.plain_transformers, shape.hidden, shape.vocab
-    layer = saved_per_layer_token(shape, b, plain=plain, tiled_mlp=bool(run.tiled_mlp) and not plain)
+    layer = saved_per_layer_token(shape, b, tiled_mlp=bool(run.tiled_mlp) and not plain)
     per_layer = b * h if run.gradient_checkpointing else layer
     rope_tables = 0 if run.gradient_checkpointing else 2 * shape.head_dim * b
     final_norm = (4 + 2 * b) * h
     loss_saved = 4 * v if plain or not run.tiled_loss else 0  # log-softmax output
     saved = t * (shape.layers * per_layer + rope_tables + final_norm + loss_saved + 32)
     if run.offload_activations and run.device != "cpu":
-        saved = t * (final_norm + loss_saved)  # save_on_cpu: only the loss part stays
+        saved = t * (final_norm + loss_saved)  # save_on_cpu: what the loss saves stays
     # The largest short-lived working set at the end of forward / during backward.
     if plain or not run.tiled_loss:
         loss = t * v * (b + 4 + (4 if b != 4 else 0))  # logits, fp32 grad, fp32 upcast
     else:
         chunk = min(t, max(1, LOSS_CHUNK_LOGITS_BYTES // (4 * v)))
         loss = chunk * v * (4 + b) + 4 * v * h + 4 * t  # chunk logits (+ cast), fp32 dW, lse
-    recompute = t * layer if run.gradient_checkpointing else 0
+    # With checkpointing one layer's activations are recomputed for its backward; with
+    # offloading they are brought back from CPU memory one layer at a time.
+    back_on_device = run.offload_activations and run.device != "cpu"
+    recompute = t * layer if run.gradient_checkpointing or back_on_device else 0
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    layer_grads = t * 4 * max(3 * h, 2 * shape.intermediate, q + 2 * kv)  # fp32 grads in flight
-    if run.tiled_mlp and not plain:
-        layer_grads = max(layer_grads, min(t, run.tiled_mlp) * 4 * shape.intermediate * b)
+    # Gradients in flight in one layer's backward: float32 in the norms, the model dtype in
+    # the widest projection (with the tiled MLP, the intermediate width per tile only).
+    mlp_tokens = min(t, run.tiled_mlp) if run.tiled_mlp and not plain else t
+    layer_grads = t * 4 * 2 * h + b * max(t * max(h, q + 2 * kv), mlp_tokens * 3 * shape.intermediate)
     return {"saved": saved, "loss": loss, "layer_backward": recompute + layer_grads}
 
 
@@ -193,9 +193,10 @@ def _comm(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
     if run.attention in ("ulysses", "hybrid"):
         total += 2 * t * (q + 2 * kv) * b  # all-to-all send and receive of q, k, v
     if run.attention in ("ring", "hybrid") and ring > 1:
-        local = t * (run.ulysses_size if run.attention == "hybrid" else 1)
-        total += 2 * local * 2 * kv * b // (run.ulysses_size if run.attention == "hybrid" else 1)
-        total += 2 * local * 2 * kv * 4 // (run.ulysses_size if run.attention == "hybrid" else 1)
+        # K/V blocks: the one in use and the one arriving (after Ulysses' all-to-all a
+        # rank holds U x t tokens of kv/U heads: the same bytes); backward adds the float32
+        # dK/dV travelling with them.
+        total += 2 * 2 * t * kv * b + 2 * 2 * t * kv * 4
     return total
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SeqparError
-from ..model import parallelize, shard_batch
+from ..model import enable_checkpointing, parallelize, shard_batch
 from ..parallel import init_mesh
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
@@ -139,6 +139,18 @@ class Trainer:
         return True
 
 
+def _print_memory_plan(cfg, world: int, config) -> None:
+    """The planner's estimate, and a warning with fixes when the run should not fit.
+    A planner failure never stops training: it only costs the warning."""
+    from ..plan.check import memory_report
+
+    try:
+        line, _ = memory_report(cfg, world, config, "cuda" if torch.cuda.is_available() else "cpu")
+    except Exception as err:  # noqa: BLE001
+        line = f"[seqpar] memory plan unavailable ({type(err).__name__}: {err})"
+    print(line, flush=True)
+
+
 def setup(cfg) -> Trainer:
     from ..data import BatchIterator, build_packed_dataset, load_tokenizer
     from .validate import validate_config
@@ -154,6 +166,8 @@ def setup(cfg) -> Trainer:
     raise_together(validate_config, cfg, world)  # files, sizes, names: before anything heavy
     config = raise_together(model_config, cfg)
     raise_together(validate_config, cfg, world, model_config=config)
+    if dist.get_rank() == 0:
+        _print_memory_plan(cfg, world, config)
     seed_everything(cfg.train.seed)
     mesh = init_mesh(cfg.parallel.sp_size, cfg.parallel.ulysses_size)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
@@ -163,7 +177,7 @@ def setup(cfg) -> Trainer:
                         fused_rope=cfg.parallel.fused_rope, tiled_loss=cfg.parallel.tiled_loss,
                         tiled_mlp=cfg.parallel.tiled_mlp, offload_activations=cfg.parallel.offload_activations)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     # Rank 0 tokenizes and packs first; the others then read its on-disk cache.
     if dist.get_rank() == 0:

@@ -1,0 +1,191 @@
+"""The memory planner (`seqpar plan`, seqpar/plan/): its activation count against the
+tensors autograd really saves, its arithmetic, its CLI, and one measured training run."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from seqpar.cli import main
+from seqpar.errors import SeqparError
+from seqpar.parallel.spawn import run_distributed
+from seqpar.plan.cli import max_seq_len, parse_bytes, parse_tokens
+from seqpar.plan.memory import ModelShape, RunShape, estimate, saved_per_layer_token
+
+TINY = "configs/models/tiny_llama.json"
+SHAPE_8B = "configs/models/llama3_8b_shape.json"
+
+
+def _config(layers):
+    cfg = AutoConfig.from_pretrained(TINY)
+    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = layers, 96, 320
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size = 6, 2, 16, 300
+    return cfg
+
+
+def _saved_bytes(model, inputs) -> int:
+    """Bytes of distinct storages autograd saves for backward in one forward (not weights)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(seen.values())
+
+
+def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq):
+    """Saved bytes per token of one decoder layer: a 2-layer minus a 1-layer model."""
+    from seqpar.model import enable_checkpointing, parallelize, shard_batch
+    from seqpar.parallel import init_mesh
+
+    mesh = init_mesh(1)
+    totals = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        cfg = _config(layers)
+        if not seqpar:
+            cfg._attn_implementation = "sdpa"
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype_name))
+        if seqpar:
+            parallelize(model, mesh, tiled_mlp=tiled_mlp)
+        if checkpointing:
+            enable_checkpointing(model)
+        model.train()
+        ids = torch.randint(0, cfg.vocab_size, (1, seq))
+        inputs = shard_batch({"input_ids": ids}, mesh) if seqpar else {"input_ids": ids, "labels": ids}
+        totals.append(_saved_bytes(model, inputs))
+    return (totals[1] - totals[0]) / seq
+
+
+CASES = [(dtype, seqpar, ckpt, mlp) for dtype in ("float32", "bfloat16")
+         for seqpar, ckpt, mlp in ((True, False, None), (True, False, 64), (True, True, None), (False, False, None))]
+
+
+def test_saved_activations_per_layer_match_autograd():
+    seq = 256
+    measured = run_distributed(_per_layer_saved_all, 1, CASES, seq)[0]
+    shape = ModelShape.from_config(_config(1))
+    for (dtype, seqpar, ckpt, mlp), got in zip(CASES, measured):
+        b = 4 if dtype == "float32" else 2
+        want = b * shape.hidden if ckpt else saved_per_layer_token(shape, b, tiled_mlp=bool(mlp))
+        assert got == want, (dtype, seqpar, ckpt, mlp)
+
+
+def _per_layer_saved_all(cases, seq):
+    return [_per_layer_saved(*case, seq) for case in cases]
+
+
+def test_model_shape_counts_every_parameter():
+    cfg = _config(3)
+    shape = ModelShape.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.head_dim) == (3, 96, 6, 2, 16)
+    assert shape.largest_layer_params == max(sum(p.numel() for p in model.model.layers[0].parameters()),
+                                             cfg.vocab_size * cfg.hidden_size)
+
+
+def test_estimate_terms_follow_the_run():
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(SHAPE_8B))
+    assert 8.0e9 < shape.params < 8.1e9
+    base = RunShape(seq_len=65536, world=8, sp_size=8, zero=3, gradient_checkpointing=True, tiled_mlp=8192)
+    est = estimate(shape, base)
+    assert est.total == est.parameters + est.optimizer + est.gradients + est.activations \
+        + est.transient + est.comm_buffers
+    # ZeRO-3 partitions optimizer states (12 bytes/param: fp32 master + Adam) over all ranks.
+    assert est.optimizer == 12 * shape.params // 8
+    # More SP ranks, less activation memory per rank; ZeRO-3 less than ZeRO-1.
+    totals = [estimate(shape, replace(base, sp_size=sp)).total for sp in (1, 2, 4, 8)]
+    assert totals == sorted(totals, reverse=True)
+    assert estimate(shape, replace(base, zero=1)).total > est.total
+    # Without checkpointing / tiled MLP / tiled loss each run needs more.
+    for change in ({"gradient_checkpointing": False}, {"tiled_mlp": None}, {"tiled_loss": False}):
+        assert estimate(shape, replace(base, **change)).total > est.total, change
+    # Offloads move states off the GPU and report them as host memory.
+    off = estimate(shape, replace(base, offload_optimizer=True, offload_params=True))
+    assert off.optimizer == 0 and off.cpu_offloaded > 0 and off.total < est.total
+
+
+def test_max_seq_len_is_the_boundary():
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(SHAPE_8B))
+    run = RunShape(seq_len=0, world=8, sp_size=8, zero=3, gradient_checkpointing=True, tiled_mlp=8192)
+    capacity = parse_bytes("80GiB")
+    n = max_seq_len(shape, run, capacity, 8192)
+    assert n > 0 and n % 8192 == 0
+    assert estimate(shape, replace(run, seq_len=n)).total <= capacity
+    assert estimate(shape, replace(run, seq_len=n + 8192)).total > capacity
+
+
+def test_plan_cli_prints_every_choice(capsys):
+    assert main(["plan", "--model", SHAPE_8B, "--seq-len", "128k", "--gpus", "8", "--gpu-mem", "80GiB",
+                 "--zero", "2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "8.03B parameters" in out and "131072 tokens" in out
+    for sp in (1, 2, 4, 8):
+        assert f"| seqpar SP={sp} | 3 |" in out and f"| seqpar SP={sp} | 2 |" in out
+    assert out.count("| transformers (DP, no SP) |") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu-mem", "80XB"], "cannot read memory size '80XB'"),
+    (["--seq-len", "12q"], "cannot read sequence length '12q'"),
+    (["--sp-size", "3"], "--sp-size 3 must divide --gpus 8"),
+    (["--zero", "4"], "stages are 0, 1, 2, 3"),
+    (["--model", "/nonexistent/config.json"], "cannot read a model config"),
+])
+def test_plan_cli_bad_input(args, message, capsys):
+    argv = {"--model": SHAPE_8B, "--seq-len": "64k", "--gpus": "8"}
+    for key, value in zip(args[::2], args[1::2]):
+        argv[key] = value
+    with pytest.raises(SystemExit) as exc:
+        main(["plan"] + [x for kv in argv.items() for x in kv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_parsers():
+    assert parse_bytes("80GiB") == 80 << 30 and parse_bytes("141GB") == 141 * 10 ** 9
+    assert parse_bytes("1.5G") == 3 << 29
+    assert parse_tokens("128k") == 131072 and parse_tokens("1m") == 1 << 20 and parse_tokens("4096") == 4096
+    with pytest.raises(SeqparError):
+        parse_tokens("-5")
+
+
+def test_bench_memory_prediction_within_15_percent(tmp_path, capsys):
+    """One real ZeRO-2 run on 2 gloo ranks: measured peak vs the planner (bench_small)."""
+    path = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--model", "configs/models/bench_small.json", "--seq-len", "2048",
+                 "--world-size", "2", "--zero", "2", "--variants", "seqpar", "--json", str(path)]) == 0
+    assert "| seqpar | 2048 | 2 | 2 |" in capsys.readouterr().out
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["error"] is None and row["measured_peak_bytes"] > 100 << 20
+    assert abs(row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1) < 0.15
+
+
+def test_train_memory_report_warns_with_fixes(monkeypatch):
+    import seqpar.plan.check as check
+    from seqpar.train.config import RunConfig
+    from seqpar.train.model_loader import model_config
+
+    cfg = RunConfig()
+    cfg.model.config_file = SHAPE_8B
+    cfg.model.dtype = "bfloat16"
+    cfg.train.seq_len = 131072
+    cfg.train.deepspeed_config = "configs/deepspeed/zero3.json"
+    cfg.parallel.sp_size = 8
+    config = model_config(cfg)
+    monkeypatch.setattr(check, "rank_capacity", lambda device: 80 << 30)
+    line, fits = check.memory_report(cfg, 8, config, "cuda")
+    assert not fits and "predicted NOT to fit" in line
+    assert "model.gradient_checkpointing=true" in line and "parallel.tiled_mlp=8192" in line
+    assert "seqpar plan --model configs/models/llama3_8b_shape.json --seq-len 131072 --gpus 8" in line
+    cfg.model.gradient_checkpointing, cfg.parallel.tiled_mlp = True, 8192
+    line, fits = check.memory_report(cfg, 8, config, "cuda")
+    assert fits and line.startswith("[seqpar] memory plan: ~") and "warning" not in line
