@@ -9,11 +9,13 @@ Psi = parameter count; N = ZeRO partitions = all ranks; t = tokens on this rank)
 
 - parameters: b*Psi, /N under ZeRO-3 (plus the gathered copy of the largest layer and
   the one being prefetched); 0 on the GPU with ZeRO-3 parameter offload.
-- gradients: ZeRO-0/1 keep full gradients (b*Psi); ZeRO-2/3 reduce them through a bucket
-  (`reduce_bucket_size` elements) into a partition.
-- optimizer: DeepSpeed's fp32 partition per rank: master weights (4), Adam m and v (8),
-  float32 gradient partition (4) = 16*Psi/N (as DeepSpeed's own estimators); 0 on the
-  GPU with optimizer offload.
+- gradients: ZeRO-0/1 keep full gradients (b*Psi) during backward; ZeRO-2 reduces them
+  through a bucket (`reduce_bucket_size` elements) into a partition; ZeRO-3 allocates its
+  bucket and a float32 gradient partition once, for the whole run. On a CPU only the part
+  of a bucket that is written counts (RSS), on a GPU all of it.
+- optimizer: DeepSpeed's float32 partition per rank: master weights (4) and Adam m and
+  v (8) = 12*Psi/N (DeepSpeed's own estimators add the float32 gradient partition to
+  this: 16*Psi/N); 0 on the GPU with optimizer offload.
 - activations kept for backward: counted per token from what the Llama-family layer
   saves (`saved_per_layer_token`; tests/test_plan.py checks it against the tensors
   autograd actually saves), times layers and t. Gradient checkpointing keeps one
@@ -140,9 +142,11 @@ def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
     out = {"parameters": b * psi, "optimizer": 12 * psi // n, "gradients": b * psi, "cpu": 0}
     if run.zero == 0:
         out["optimizer"] = (8 if b == 4 else 16) * psi  # Adam m, v (+ fp32 master and grads)
-    if run.zero >= 2:  # reduced through the bucket into this rank's partition
-        bucket = min(run.reduce_bucket, psi) if run.device == "cpu" else run.reduce_bucket
+    bucket = min(run.reduce_bucket, psi) if run.device == "cpu" else run.reduce_bucket
+    if run.zero == 2:  # reduced through the bucket into this rank's partition
         out["gradients"] = b * (psi // n + bucket)
+    if run.zero == 3:  # a float32 partition and the bucket, both allocated for the whole run
+        out["gradients"] = 4 * psi // n + b * bucket
     if run.zero == 3:
         live = 2 * shape.largest_layer_params  # the gathered layer and the prefetched next one
         out["parameters"] = b * (psi // n + live)
@@ -208,16 +212,18 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     acts = _activations(shape, run, b, t)
     comm = _comm(shape, run, b, t)
     # Parameters and optimizer states are always there; on top of them, the largest of:
+    # ZeRO-3 keeps its gradient buffers for the whole run; the others fill them in backward.
+    always = {"gradients": states["gradients"]} if run.zero == 3 else {}
     moments = {
         # the loss: every activation saved, the loss's logits (or one tile of them)
-        "loss": {"activations": acts["saved"], "transient": acts["loss"]},
+        "loss": {**always, "activations": acts["saved"], "transient": acts["loss"]},
         # the last layer's backward: activations, gradients filling up, comm buffers
         "layer backward": {"activations": acts["saved"], "gradients": states["gradients"],
                            "transient": acts["layer_backward"], "comm_buffers": comm},
         # Adam's step: the float32 gradient partition and one temporary of its size
-        "optimizer step": {"gradients": 0 if run.offload_optimizer else 8 * shape.params // run.world},
+        "optimizer step": {**always, "transient": 0 if run.offload_optimizer else 8 * shape.params // run.world},
         # ZeRO-1/2 flatten the model's parameters into one buffer at start-up
-        "start-up": {"transient": b * shape.params if run.zero in (1, 2) else 0},
+        "start-up": {**always, "transient": b * shape.params if run.zero in (1, 2) else 0},
     }
     peak = max(moments, key=lambda m: sum(moments[m].values()))
     est = MemoryEstimate(parameters=states["parameters"], optimizer=states["optimizer"],
