@@ -3,6 +3,7 @@
     seqpar --version
     seqpar train CONFIG.yaml [--set section.key=value ...] [--resume]
     seqpar bench attention --algo ring,ulysses,hybrid --world-size 4 --seq-len 4096
+    seqpar bench kernels [--device cuda] [--seq-len 4k,8k,...]
     seqpar build-ext
     seqpar plan --model configs/models/llama3_8b_shape.json --seq-len 128k --gpus 8 --gpu-mem 80GiB
     seqpar bench memory --model configs/models/bench_small.json --seq-len 2048,4096 --world-size 2
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     loss.set_defaults(func=_run_bench_loss)
     from .bench.memory import add_parser as add_memory_bench  # seqpar/bench/memory.py
     add_memory_bench(benches)
+    from .bench.kernels import add_parser as add_kernels_bench  # seqpar/bench/kernels.py
+    add_kernels_bench(benches)
     bench.set_defaults(func=lambda args: _missing(bench))
 
     from .eval.cli import add_eval_commands  # seqpar eval ppl | passkey (seqpar/eval/cli.py)

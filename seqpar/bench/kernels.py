@@ -223,11 +223,16 @@ def _attention_rows(cfg, device, s):
         return out.transpose(1, 2)
 
     # Reference: SDPA on float32 copies, K/V expanded so no backend needs GQA support.
+    # If it does not fit (float32 at the longest lengths), the rows go unchecked ("-").
     qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     rep = cfg["heads"] // cfg["kv_heads"]
-    out_ref = sdpa(qr, kr.repeat_interleave(rep, 2), vr.repeat_interleave(rep, 2))
-    grads_ref = torch.autograd.grad(out_ref, (qr, kr, vr), dout.float())
-    out_ref = out_ref.detach()
+    try:
+        out_ref = sdpa(qr, kr.repeat_interleave(rep, 2), vr.repeat_interleave(rep, 2))
+        grads_ref = torch.autograd.grad(out_ref, (qr, kr, vr), dout.float())
+        out_ref = out_ref.detach()
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        _log(f"[bench kernels] S={s}: float32 reference failed ({type(err).__name__}); rows unchecked")
+        out_ref = grads_ref = None
     del qr, kr, vr
 
     def with_grads(fwd):
