@@ -53,6 +53,8 @@ class ModelShape:
     vocab: int
     params: int  # every parameter, counted on the meta device
     largest_layer_params: int  # the biggest module ZeRO-3 gathers at once
+    layer_params: int = 0  # one decoder layer
+    head_params: int = 0  # the LM head (its gradient comes first in backward)
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -71,7 +73,8 @@ class ModelShape:
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
                    vocab=config.vocab_size, params=sum(p.numel() for p in model.parameters()),
-                   largest_layer_params=max(per_module))
+                   largest_layer_params=max(per_module), layer_params=per_module[0],
+                   head_params=per_module[2])
 
 
 @dataclass
@@ -137,16 +140,22 @@ def saved_per_layer_token(shape: ModelShape, b: int, *, tiled_mlp: bool = False)
 
 
 def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
-    """Parameters and optimizer states (alive all the time), gradients (during backward)."""
+    """Parameters and optimizer states (alive all the time) and gradients: at the start of
+    backward (the LM head's and the last layer's) and at its end (all of them)."""
     psi, n = shape.params, run.world
-    out = {"parameters": b * psi, "optimizer": 12 * psi // n, "gradients": b * psi, "cpu": 0}
+    first = shape.head_params + shape.layer_params  # gradients made by the first layer backward
+    out = {"parameters": b * psi, "optimizer": 12 * psi // n, "cpu": 0,
+           "grads_early": b * first, "grads_full": b * psi}
     if run.zero == 0:
         out["optimizer"] = (8 if b == 4 else 16) * psi  # Adam m, v (+ fp32 master and grads)
-    bucket = min(run.reduce_bucket, psi) if run.device == "cpu" else run.reduce_bucket
+    # A CPU's RSS holds only the part of a bucket that has been written; a GPU all of it.
+    cpu = run.device == "cpu"
     if run.zero == 2:  # reduced through the bucket into this rank's partition
-        out["gradients"] = b * (psi // n + bucket)
+        out["grads_early"] = b * (psi // n + (min(run.reduce_bucket, first) if cpu else run.reduce_bucket))
+        out["grads_full"] = b * (psi // n + (min(run.reduce_bucket, psi) if cpu else run.reduce_bucket))
     if run.zero == 3:  # a float32 partition and the bucket, both allocated for the whole run
-        out["gradients"] = 4 * psi // n + b * bucket
+        out["grads_early"] = out["grads_full"] = \
+            4 * psi // n + b * (min(run.reduce_bucket, psi) if cpu else run.reduce_bucket)
     if run.zero == 3:
         live = 2 * shape.largest_layer_params  # the gathered layer and the prefetched next one
         out["parameters"] = b * (psi // n + live)
@@ -180,11 +189,15 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     back_on_device = run.offload_activations and run.device != "cpu"
     recompute = t * layer if run.gradient_checkpointing or back_on_device else 0
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    # Gradients in flight in one layer's backward: float32 in the norms, the model dtype in
-    # the widest projection (with the tiled MLP, the intermediate width per tile only).
-    mlp_tokens = min(t, run.tiled_mlp) if run.tiled_mlp and not plain else t
-    layer_grads = t * 4 * 2 * h + b * max(t * max(h, q + 2 * kv), mlp_tokens * 3 * shape.intermediate)
-    return {"saved": saved, "loss": loss, "layer_backward": recompute + layer_grads}
+    # Gradients in flight in one layer's backward: float32 in the norms, two of the
+    # intermediate width in the MLP's (act * up) backward. With the tiled MLP, per tile,
+    # on top of the tile's recomputed gate/up/act/product.
+    widest = 2 * shape.intermediate * t
+    if run.tiled_mlp and not plain:
+        tile = min(t, run.tiled_mlp)
+        widest = (4 + 2) * shape.intermediate * tile
+    return {"saved": saved, "loss": loss, "layer": t * layer, "recompute": recompute,
+            "norm_grads": t * 4 * 2 * h, "attention_grads": b * t * (q + 2 * kv), "mlp_grads": b * widest}
 
 
 def _comm(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
@@ -212,14 +225,24 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     acts = _activations(shape, run, b, t)
     comm = _comm(shape, run, b, t)
     # Parameters and optimizer states are always there; on top of them, the largest of:
+    # One layer's backward: its norms' float32 gradients plus the larger of the attention
+    # backward (dq/dk/dv and the comm buffers, which exist only inside it) and the MLP's.
+    if acts["attention_grads"] + comm >= acts["mlp_grads"]:
+        layer_back = {"transient": acts["norm_grads"] + acts["attention_grads"], "comm_buffers": comm}
+    else:
+        layer_back = {"transient": acts["norm_grads"] + acts["mlp_grads"]}
     # ZeRO-3 keeps its gradient buffers for the whole run; the others fill them in backward.
-    always = {"gradients": states["gradients"]} if run.zero == 3 else {}
+    always = {"gradients": states["grads_full"]} if run.zero == 3 else {}
     moments = {
         # the loss: every activation saved, the loss's logits (or one tile of them)
         "loss": {**always, "activations": acts["saved"], "transient": acts["loss"]},
-        # the last layer's backward: activations, gradients filling up, comm buffers
-        "layer backward": {"activations": acts["saved"], "gradients": states["gradients"],
-                           "transient": acts["layer_backward"], "comm_buffers": comm},
+        # the last layer's backward: every activation (that layer's recomputed or brought
+        # back), the first gradients
+        "last layer backward": {**layer_back, "activations": acts["saved"], "gradients": states["grads_early"],
+                                "transient": layer_back["transient"] + acts["recompute"]},
+        # the first layer's backward: all gradients, that layer's activations
+        "first layer backward": {**layer_back, "gradients": states["grads_full"],
+                                 "transient": layer_back["transient"] + acts["layer"]},
         # Adam's step: the float32 gradient partition and one temporary of its size
         "optimizer step": {**always, "transient": 0 if run.offload_optimizer else 8 * shape.params // run.world},
         # ZeRO-1/2 flatten the model's parameters into one buffer at start-up
@@ -228,7 +251,8 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     peak = max(moments, key=lambda m: sum(moments[m].values()))
     est = MemoryEstimate(parameters=states["parameters"], optimizer=states["optimizer"],
                          cpu_offloaded=states["cpu"], peak_moment=peak, **moments[peak])
-    est.detail = {"tokens_per_rank": t, "gradients_in_backward": states["gradients"],
+    est.detail = {"tokens_per_rank": t, "gradients_early": states["grads_early"],
+                  "gradients_full": states["grads_full"],
                   "moments": {m: sum(v.values()) for m, v in moments.items()},
                   **{f"act_{k}": v for k, v in acts.items()}}
     return est
