@@ -96,7 +96,7 @@ def test_model_shape_counts_every_parameter():
 def test_estimate_terms_follow_the_run():
     shape = ModelShape.from_config(AutoConfig.from_pretrained(SHAPE_8B))
     assert 8.0e9 < shape.params < 8.1e9
-    base = RunShape(seq_len=65536, world=8, sp_size=8, zero=3, gradient_checkpointing=True, tiled_mlp=8192)
+    base = RunShape(seq_len=262144, world=8, sp_size=8, zero=3, gradient_checkpointing=True, tiled_mlp=4096)
     est = estimate(shape, base)
     assert est.total == est.parameters + est.optimizer + est.gradients + est.activations \
         + est.transient + est.comm_buffers

@@ -170,7 +170,8 @@ def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
 
 def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     plain, h, v = run.plain_transformers, shape.hidden, shape.vocab
-    layer = saved_per_layer_token(shape, b, tiled_mlp=bool(run.tiled_mlp) and not plain)
+    tiled = bool(run.tiled_mlp) and not plain and t > run.tiled_mlp  # shorter: the plain MLP runs
+    layer = saved_per_layer_token(shape, b, tiled_mlp=tiled)
     per_layer = b * h if run.gradient_checkpointing else layer
     rope_tables = 0 if run.gradient_checkpointing else 2 * shape.head_dim * b
     final_norm = (4 + 2 * b) * h
@@ -193,9 +194,8 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     # intermediate width in the MLP's (act * up) backward. With the tiled MLP, per tile,
     # on top of the tile's recomputed gate/up/act/product.
     widest = 2 * shape.intermediate * t
-    if run.tiled_mlp and not plain:
-        tile = min(t, run.tiled_mlp)
-        widest = (4 + 2) * shape.intermediate * tile
+    if tiled:
+        widest = (4 + 2) * shape.intermediate * run.tiled_mlp
     return {"saved": saved, "loss": loss, "layer": t * layer, "recompute": recompute,
             "norm_grads": t * 4 * 2 * h, "attention_grads": b * t * (q + 2 * kv), "mlp_grads": b * widest}
 
@@ -243,8 +243,10 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         # the first layer's backward: all gradients, that layer's activations
         "first layer backward": {**layer_back, "gradients": states["grads_full"],
                                  "transient": layer_back["transient"] + acts["layer"]},
-        # Adam's step: the float32 gradient partition and one temporary of its size
-        "optimizer step": {**always, "transient": 0 if run.offload_optimizer else 8 * shape.params // run.world},
+        # Adam's step: the float32 gradient partition (ZeRO-3: already in `always`) and one
+        # temporary of its size
+        "optimizer step": {**always, "transient": 0 if run.offload_optimizer else
+                           (4 if run.zero == 3 else 8) * shape.params // run.world},
         # ZeRO-1/2 flatten the model's parameters into one buffer at start-up
         "start-up": {**always, "transient": b * shape.params if run.zero in (1, 2) else 0},
     }
