@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SeqparError
-from ..model import parallelize, shard_batch, sharded_cross_entropy
+from ..model import hidden_states, parallelize, shard_batch, sharded_cross_entropy
 from ..model.batch import prepare_batch
 from ..parallel import shard
 
@@ -149,12 +149,14 @@ class ShardedLM:
         if self.sharded:
             part = shard_batch(batch, self.mesh, layout=self.layout)
             index = shard(positions[None], self.mesh.sp_group, dim=1, layout=self.layout)[0]
-            # What parallelize's own forward hands the decoder (seqpar/model/parallelize.py).
-            extra = dict(seqpar_plan=self.plan, seqpar_doc_ids=part.get("doc_ids"))
         else:
-            part, index, extra = prepare_batch(batch), positions, {}
+            part, index = prepare_batch(batch), positions
         ids, pos = part["input_ids"].to(self.device), part["position_ids"].to(self.device)
-        hidden = self.decoder(input_ids=ids, position_ids=pos, use_cache=False, **extra)[0]
+        if self.sharded:
+            doc_ids = part.get("doc_ids")
+            hidden = hidden_states(self.model, ids, pos, doc_ids.to(self.device) if doc_ids is not None else None)
+        else:
+            hidden = self.decoder(input_ids=ids, position_ids=pos, use_cache=False)[0]
         return hidden, part["labels"].to(self.device), index.to(self.device)
 
     @torch.no_grad()

@@ -84,8 +84,14 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def hidden_states(model, input_ids, position_ids, doc_ids=None, **kwargs):
+    """This rank's final hidden states [b, s, H] from a parallelized model (no LM head),
+    for inputs made by `shard_batch`; e.g. for evaluation that needs more than the loss."""
+    return model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               seqpar_plan=model.seqpar_plan, seqpar_doc_ids=doc_ids, **kwargs)[0]
+
+
 def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool, offload_activations: bool = False):
-    decoder = model.get_decoder()
     head = model.get_output_embeddings()
 
     def forward(input_ids=None, labels=None, position_ids=None, doc_ids=None, attention_mask=None,
@@ -103,8 +109,7 @@ def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool, offload_act
             return _run(input_ids, labels, position_ids, doc_ids, inputs_embeds, kwargs)
 
     def _run(input_ids, labels, position_ids, doc_ids, inputs_embeds, kwargs):
-        hidden = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
-                         use_cache=False, seqpar_plan=plan, seqpar_doc_ids=doc_ids, **kwargs)[0]
+        hidden = hidden_states(model, input_ids, position_ids, doc_ids, inputs_embeds=inputs_embeds, **kwargs)
         if labels is None:
             return CausalLMOutputWithPast(logits=head(hidden))
         return CausalLMOutputWithPast(loss=head(hidden, seqpar_labels=labels))
