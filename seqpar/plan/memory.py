@@ -156,7 +156,6 @@ def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
     if run.zero == 3:  # a float32 partition and the bucket, both allocated for the whole run
         out["grads_early"] = out["grads_full"] = \
             4 * psi // n + b * (min(run.reduce_bucket, psi) if cpu else run.reduce_bucket)
-    if run.zero == 3:
         live = 2 * shape.largest_layer_params  # the gathered layer and the prefetched next one
         out["parameters"] = b * (psi // n + live)
         if run.offload_params:
@@ -224,7 +223,6 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     states = _states(shape, run, b)
     acts = _activations(shape, run, b, t)
     comm = _comm(shape, run, b, t)
-    # Parameters and optimizer states are always there; on top of them, the largest of:
     # One layer's backward: its norms' float32 gradients plus the larger of the attention
     # backward (dq/dk/dv and the comm buffers, which exist only inside it) and the MLP's.
     if acts["attention_grads"] + comm >= acts["mlp_grads"]:
@@ -233,6 +231,7 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         layer_back = {"transient": acts["norm_grads"] + acts["mlp_grads"]}
     # ZeRO-3 keeps its gradient buffers for the whole run; the others fill them in backward.
     always = {"gradients": states["grads_full"]} if run.zero == 3 else {}
+    # Parameters and optimizer states are always there; the peak adds the largest of:
     moments = {
         # the loss: every activation saved, the loss's logits (or one tile of them)
         "loss": {**always, "activations": acts["saved"], "transient": acts["loss"]},
