@@ -109,11 +109,15 @@ void online_softmax(acc_t* S, int64_t rows, int64_t cols, acc_t* mx, acc_t* l, a
   m.copy_(m_new);
 }
 
-// A tile needs the per-element mask unless every query sees every key of it.
-bool tile_needs_mask(const MaskView& m, const TileRange& qr, const TileRange& kr) {
-  if (m.causal && kr.pos_hi > qr.pos_lo) return true;
-  if (m.qdoc && !(qr.doc_lo == qr.doc_hi && kr.doc_lo == kr.doc_hi && qr.doc_lo == kr.doc_lo)) return true;
-  return false;
+// How a (query tile, key tile) pair is computed: skipped (no query sees any key), in full,
+// or with the per-element mask. Without positions or documents every tile is full.
+enum class Tile { kSkip, kFull, kMasked };
+
+Tile tile_kind(const MaskView& m, const TileRange& qr, const TileRange& kr) {
+  if (tile_empty(m, qr, kr)) return Tile::kSkip;
+  if (m.causal && kr.pos_hi > qr.pos_lo) return Tile::kMasked;
+  if (m.qdoc && !(qr.doc_lo == qr.doc_hi && kr.doc_lo == kr.doc_hi && qr.doc_lo == kr.doc_lo)) return Tile::kMasked;
+  return Tile::kFull;
 }
 
 template <typename scalar_t>
@@ -142,12 +146,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const TileRange qr = q_range(m, b, i0, i0 + rows);
       for (int64_t j0 = 0; j0 < Sk; j0 += BK) {
         const int64_t cols = std::min(BK, Sk - j0);
-        bool need_mask = false;
-        if (masked_any(m)) {
-          const TileRange kr = k_range(m, b, j0, j0 + cols);
-          if (tile_empty(m, qr, kr)) continue;
-          need_mask = tile_needs_mask(m, qr, kr);
-        }
+        const Tile tile = masked_any(m) ? tile_kind(m, qr, k_range(m, b, j0, j0 + cols)) : Tile::kFull;
+        if (tile == Tile::kSkip) continue;
+        const bool need_mask = tile == Tile::kMasked;
         const int64_t koff = ((b * Sk + j0) * Hk + hk) * D;
         load_rows(kf.data(), kp + koff, cols, Hk * D, D);
         load_rows(vf.data(), vp + koff, cols, Hk * D, D);
@@ -221,12 +222,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         for (int64_t i0 = 0; i0 < Sq; i0 += BQ) {
           const int64_t rows = std::min(BQ, Sq - i0);
-          bool need_mask = false;
-          if (masked_any(m)) {
-            const TileRange qr = q_range(m, b, i0, i0 + rows);
-            if (tile_empty(m, qr, kr)) continue;
-            need_mask = tile_needs_mask(m, qr, kr);
-          }
+          const Tile tile = masked_any(m) ? tile_kind(m, q_range(m, b, i0, i0 + rows), kr) : Tile::kFull;
+          if (tile == Tile::kSkip) continue;
+          const bool need_mask = tile == Tile::kMasked;
           const int64_t qoff = ((b * Sq + i0) * Hq + h) * D;
           load_rows(qf.data(), qp + qoff, rows, Hq * D, D);
           load_rows(dof.data(), dop + qoff, rows, Hq * D, D);
@@ -259,12 +257,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       const int64_t roff = (b * Hq + h) * Sq + i0;
       for (int64_t j0 = 0; j0 < Sk; j0 += BK) {
         const int64_t cols = std::min(BK, Sk - j0);
-        bool need_mask = false;
-        if (masked_any(m)) {
-          const TileRange kr = k_range(m, b, j0, j0 + cols);
-          if (tile_empty(m, qr, kr)) continue;
-          need_mask = tile_needs_mask(m, qr, kr);
-        }
+        const Tile tile = masked_any(m) ? tile_kind(m, qr, k_range(m, b, j0, j0 + cols)) : Tile::kFull;
+        if (tile == Tile::kSkip) continue;
+        const bool need_mask = tile == Tile::kMasked;
         const int64_t koff = ((b * Sk + j0) * Hk + hk) * D;
         load_rows(kf.data(), kp + koff, cols, Hk * D, D);
         load_rows(vf.data(), vp + koff, cols, Hk * D, D);
