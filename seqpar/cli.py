@@ -89,7 +89,7 @@ def _run_build_ext(args) -> int:
     print(f"cache dir: {status.build_dir}")
     took = "cached" if status.build_seconds is None else f"{status.build_seconds:.0f} s"
     print(f"build time: {took}")
-    print(f"attention backend: {attention_backend()}")
+    print(f"attention kernels (cpu float32 d64): {attention_backend()}")
     return 0 if status.loaded else 1  # ahead of time, a failed build is an error
 
 

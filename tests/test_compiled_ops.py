@@ -44,7 +44,8 @@ def _masks(kind, b, sq, sk, g):
 
 
 def test_backend_is_compiled_cpu():
-    assert attention_backend() == "compiled-cpu"
+    # The C++ op serves what PyTorch's CPU flash kernel cannot: documents and positions.
+    assert "seqpar: causal-shifted,documents,positions" in attention_backend()
     assert _build.extension_status().kind == "CPU only"
 
 
@@ -134,7 +135,7 @@ def test_clear_errors():
 
 
 def _ring_worker(dtype_name):
-    from seqpar.ops import attention_backend as backend
+    from seqpar.ops.registry import served_summary
     from seqpar.parallel import ring_attention, shard
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(1)
@@ -152,26 +153,28 @@ def _ring_worker(dtype_name):
     want = [shard(t, None, dim=1, layout="zigzag") for t in [ref_out.detach()] + [t.grad for t in ref_in]]
     for got, ref in zip([out] + [t.grad for t in local], want):
         torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
-    return backend()
+    return served_summary("cpu")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_ring_attention_with_compiled_kernel(dtype):
     results = run_distributed(_ring_worker, 2, dtype)
-    assert results == ["compiled-cpu", "compiled-cpu"]
+    # Packed documents: the diagonal blocks are document blocks, the others cross blocks.
+    assert all(r["documents"] == ["seqpar"] and r["positions"] == ["seqpar"] for r in results), results
 
 
 def test_build_ext_cli(capsys):
     from seqpar.cli import main
     assert main(["build-ext"]) == 0
     out = capsys.readouterr().out
-    assert "built: CPU only (ok)" in out and "attention backend: compiled-cpu" in out
+    assert "built: CPU only (ok)" in out and "seqpar: causal-shifted,documents,positions" in out
 
 
 _PROBE = ("import warnings, torch; warnings.simplefilter('always');"
-          "from seqpar.ops import attention_backend, attention_forward;"
-          "q = torch.randn(1, 4, 2, 8); attention_forward(q, q, q, causal=True);"
-          "attention_forward(q, q, q); print(attention_backend())")
+          "from seqpar.ops import attention_forward, registry;"
+          "q = torch.randn(1, 4, 2, 8); docs = torch.tensor([0, 0, 1, 1]);"
+          "attention_forward(q, q, q, causal=True, doc_ids=docs); attention_forward(q, q, q, doc_ids=docs);"
+          "print(registry.select(q.device, q.dtype, 8, 'documents').name)")
 
 
 def _probe(tmp_path, **env):

@@ -1,46 +1,117 @@
 """`seqpar.ops.attention`: one differentiable block of attention returning (out, lse).
 
-Dispatch order (DESIGN.md): compiled seqpar op (CUDA or CPU, built from csrc/ on first
-use, see `_build`) -> pure torch (no compiler, SEQPAR_DISABLE_EXT=1, or a device/dtype
-the compiled op does not serve, e.g. float32 on CUDA). `attention_backend()` says which
-one is active and benchmarks print it.
+Each call is served by the kernel `registry.select` picks for the block's device, dtype,
+head_dim and mask kind (`masks.classify_mask`): the fastest self-tested backend that
+serves it. `attention_backend()` says which backend serves which mask kind.
+
+One rewrite widens what library kernels serve: a causal diagonal shifted below the main
+one (row i sees keys j <= i + offset, offset < 0; the stripe layout's blocks) is the
+aligned diagonal on rows [-offset:] and keys [:sq + offset]; the first rows see nothing
+(out 0, lse -inf), and keys past the cut get no gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import compiled, torch_attention
-
-
-def attention_backend() -> str:
-    """Local attention kernel in use: 'compiled-cuda', 'compiled-cpu' or 'torch' (fallback)."""
-    return compiled.backend_name()
-
-
-def attention_forward(q, k, v, **mask_kw):
-    """(out, lse) of one block, no autograd: the building block ring attention merges."""
-    if compiled.available(q.device, q.dtype, head_dim=q.shape[-1]):
-        return compiled.attention_forward(q, k, v, **mask_kw)
-    return torch_attention.attention_forward(q, k, v, **mask_kw)
-
-
-def attention_backward(dout, q, k, v, out, lse, *, delta=None, **mask_kw):
-    """(dq, dk, dv) of one block from the final lse, in the accumulation dtype."""
-    if compiled.available(q.device, q.dtype, head_dim=q.shape[-1]):
-        return compiled.attention_backward(dout, q, k, v, out, lse, delta=delta, **mask_kw)
-    return torch_attention.attention_backward(dout, q, k, v, out, lse, delta=delta, **mask_kw)
-
+from . import registry, torch_attention
+from .masks import CAUSAL, EMPTY, TOP_LEFT, MaskKind, check_attention_inputs, classify_mask
+from .reference import accumulate_dtype
 
 attention_delta = torch_attention.attention_delta
+
+
+def _mask_kind(q, k, mask_kw, kind: MaskKind | None) -> MaskKind:
+    if kind is not None:
+        return kind
+    return classify_mask(q.shape[1], k.shape[1], causal=mask_kw.get("causal", False),
+                         q_positions=mask_kw.get("q_positions"), k_positions=mask_kw.get("k_positions"),
+                         doc_ids=mask_kw.get("doc_ids"))
+
+
+def _drop_rows(kind: MaskKind, sq: int, sk: int):
+    """(rows dropped, keys kept, aligned kind) for a diagonal below the main one, else None."""
+    if kind.offset >= 0 or kind.kind not in (EMPTY, "causal-shifted"):
+        return None
+    drop = min(sq, -kind.offset)
+    keep = min(sk, sq - drop)
+    aligned = MaskKind(CAUSAL if keep == sq - drop else TOP_LEFT)
+    return drop, keep, aligned
+
+
+def _aligned_mask(mask_kw: dict) -> dict:
+    return {"causal": True}  # the cut block is on the diagonal: no positions needed
+
+
+def run_forward(backend, q, k, v, scale, mask_kw, kind: MaskKind):
+    """(out, lse) of one block on `backend` (None: the registry chooses), rewrites applied."""
+    sq, sk = q.shape[1], k.shape[1]
+    cut = _drop_rows(kind, sq, sk)
+    if cut is not None or kind.kind == EMPTY:
+        drop, keep, aligned = cut if cut is not None else (sq, 0, kind)
+        out = torch.zeros_like(q)
+        lse = torch.full((q.shape[0], q.shape[2], sq), float("-inf"), dtype=accumulate_dtype(q.dtype),
+                         device=q.device)
+        if drop < sq and keep > 0:
+            out[:, drop:], lse[..., drop:] = run_forward(backend, q[:, drop:], k[:, :keep], v[:, :keep],
+                                                         scale, _aligned_mask(mask_kw), aligned)
+        return out, lse
+    backend = backend or registry.select(q.device, q.dtype, q.shape[-1], kind.kind)
+    return backend.forward(q, k, v, scale, {**mask_kw, "kind": kind})
+
+
+def run_backward(backend, dout, q, k, v, out, lse, delta, scale, mask_kw, kind: MaskKind,
+                 custom_delta: bool = False):
+    """(dq, dk, dv) of one block on `backend` (None: the registry chooses), rewrites applied."""
+    sq, sk = q.shape[1], k.shape[1]
+    cut = _drop_rows(kind, sq, sk)
+    if cut is not None or kind.kind == EMPTY:
+        drop, keep, aligned = cut if cut is not None else (sq, 0, kind)
+        acc = accumulate_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+        if drop < sq and keep > 0:
+            part = run_backward(backend, dout[:, drop:], q[:, drop:], k[:, :keep], v[:, :keep],
+                                out[:, drop:], lse[..., drop:], None if delta is None else delta[..., drop:],
+                                scale, _aligned_mask(mask_kw), aligned, custom_delta)
+            dq[:, drop:], dk[:, :keep], dv[:, :keep] = part
+        return dq, dk, dv
+    backend = backend or registry.select(q.device, q.dtype, q.shape[-1], kind.kind, custom_delta)
+    return backend.backward(dout, q, k, v, out, lse, delta, scale, {**mask_kw, "kind": kind})
+
+
+def attention_forward(q, k, v, *, softmax_scale=None, mask_kind: MaskKind | None = None, **mask_kw):
+    """(out, lse) of one block, no autograd: the building block ring attention merges.
+
+    `mask_kind` may be given by a caller that classified the block already (the ring, on
+    host-side positions); otherwise it is computed here from the mask keywords.
+    """
+    check_attention_inputs(q, k, v)
+    return run_forward(None, q, k, v, softmax_scale, mask_kw, _mask_kind(q, k, mask_kw, mask_kind))
+
+
+def attention_backward(dout, q, k, v, out, lse, *, delta=None, softmax_scale=None,
+                       mask_kind: MaskKind | None = None, custom_delta: bool = False, **mask_kw):
+    """(dq, dk, dv) of one block from the final out and lse.
+
+    `delta` = rowsum(dout * out) may be passed precomputed; `custom_delta=True` says it
+    carries more than that (a gradient on lse), which only kernels that take delta serve.
+    """
+    kind = _mask_kind(q, k, mask_kw, mask_kind)
+    return run_backward(None, dout, q, k, v, out, lse, delta, softmax_scale, mask_kw, kind, custom_delta)
+
+
+def attention_backend(device="cpu", dtype=torch.float32, head_dim: int = 64) -> str:
+    """Which kernel serves each mask kind for this device/dtype/head_dim (self-tests run)."""
+    return registry.plan_summary(torch.device(device), dtype, head_dim)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_kw):
-        out, lse = attention_forward(q, k, v, **mask_kw)
+        kind = _mask_kind(q, k, mask_kw, None)
+        out, lse = attention_forward(q, k, v, mask_kind=kind, **mask_kw)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask_kw = mask_kw
+        ctx.mask_kw, ctx.kind = mask_kw, kind
         return out, lse
 
     @staticmethod
@@ -52,7 +123,8 @@ class _Attention(torch.autograd.Function):
         if dlse is not None:
             # d lse / d score = p, so a gradient on lse enters as a shift of delta.
             delta = delta - dlse.to(delta.dtype)
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, delta=delta, **ctx.mask_kw)
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, delta=delta, mask_kind=ctx.kind,
+                                        custom_delta=dlse is not None, **ctx.mask_kw)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

@@ -18,8 +18,8 @@ import torch
 from . import _build
 from .masks import check_attention_inputs, split_doc_ids
 
-_CUDA_ATTENTION_DTYPES = (torch.bfloat16, torch.float16)  # tensor-core kernels only
-_CUDA_HEAD_DIMS = (64, 80, 128)  # instantiated in csrc/attention_cuda.cu
+CUDA_ATTENTION_DTYPES = (torch.bfloat16, torch.float16)  # tensor-core kernels only
+CUDA_HEAD_DIMS = (64, 80, 128)  # instantiated in csrc/attention_cuda.cu
 _CUDA_ROPE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _registered = False
 _reg_lock = threading.Lock()
@@ -56,7 +56,7 @@ def available(device: torch.device, dtype: torch.dtype | None = None, *, op: str
     if device.type == "cuda" and _build.extension_status().cuda:
         if op == "rope":
             return dtype in _CUDA_ROPE_DTYPES
-        return dtype in _CUDA_ATTENTION_DTYPES and head_dim in _CUDA_HEAD_DIMS
+        return dtype in CUDA_ATTENTION_DTYPES and head_dim in CUDA_HEAD_DIMS
     return False
 
 

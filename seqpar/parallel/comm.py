@@ -85,3 +85,13 @@ def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor, group) -> None:
     world = dist.get_world_size(group)
     _record("all_gather", nbytes(tensor) * (world - 1))
     dist.all_gather(parts, tensor.contiguous(), group=group)
+
+
+def all_ranks_true(flags: list[bool], group, device) -> list[bool]:
+    """Logical AND of per-rank flags over `group`. Control traffic (kernel self-test
+    agreement, once per kernel key and process), so it is not counted by `count_comm`."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1 or not flags:
+        return list(flags)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return [bool(x) for x in t.tolist()]

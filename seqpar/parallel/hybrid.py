@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SeqparError
+from .kernels import agree_on_kernels
 from .layout import shard_positions
 from .ring import check_ring_inputs, ring_attention
 from .ulysses import gather_doc_ids, heads_to_ranks, heads_to_seq, kv_replication
@@ -47,6 +48,7 @@ def hybrid_attention(q, k, v, mesh, *, causal: bool = True, layout: str = "zigza
     if layout == "stripe" and mesh.ulysses_size > 1 and mesh.ring_size > 1:
         raise SeqparError("hybrid attention supports layout 'zigzag' or 'contiguous', not 'stripe'.")
     perm = ring_order(seq_len, mesh, layout, q.device)
+    agree_on_kernels(q, mesh.sp_group)
     group = mesh.ulysses_group
     q_h, k_h, v_h = heads_to_ranks(q, k, v, group)
     docs = gather_doc_ids(doc_ids, q.shape[0], group) if doc_ids is not None else None

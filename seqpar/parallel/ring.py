@@ -26,9 +26,10 @@ import torch.distributed as dist
 
 from ..errors import SeqparError
 from ..ops import attention_backward, attention_delta, attention_forward
-from ..ops.masks import check_attention_inputs
+from ..ops.masks import check_attention_inputs, classify_mask
 from ..ops.reference import accumulate_dtype
 from .comm import TAG_DKV, TAG_KV, all_gather, ring_exchange, wait_all
+from .kernels import agree_on_kernels
 from .layout import Chunk, check_layout, shard_chunks
 
 
@@ -186,6 +187,12 @@ def _task_args(tasks, q_chunks, k_chunks, causal, softmax_scale, all_docs, rank,
             mask.update(q_positions=q_pos, k_positions=k_pos)
         if all_docs is not None:
             mask["doc_ids"] = (all_docs[rank][:, q_rows], all_docs[src][:, k_rows])
+        # Classified on host-side positions (the chunks), so no device sync per block.
+        mask["mask_kind"] = classify_mask(
+            q_pos.numel(), k_pos.numel(), causal=task.masked,
+            q_positions=_rows(task.q, q_chunks, "cpu")[1] if task.masked else None,
+            k_positions=_rows(task.k, k_chunks, "cpu")[1] if task.masked else None,
+            doc_ids=mask.get("doc_ids"))
         yield task, dict(q_rows=q_rows, k_rows=k_rows, mask=mask)
 
 
@@ -230,5 +237,6 @@ def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "z
     """
     world = dist.get_world_size(group)
     check_ring_inputs(q, k, v, world, layout, doc_ids)
+    agree_on_kernels(q, group)
     out, lse = _RingAttention.apply(q, k, v, group, causal, layout, softmax_scale, doc_ids)
     return (out, lse) if return_lse else out

@@ -20,6 +20,7 @@ from ..errors import SeqparError
 from ..ops import attention
 from ..ops.masks import check_attention_inputs
 from .comm import all_gather, all_to_all
+from .kernels import agree_on_kernels
 from .layout import check_layout, shard_positions
 
 
@@ -139,11 +140,24 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, layout: str =
     world = dist.get_world_size(group)
     check_ulysses_inputs(q, k, v, world, layout, doc_ids)
     seq_len = q.shape[1] * world
+    agree_on_kernels(q, group)
     q_h, k_h, v_h = heads_to_ranks(q, k, v, group)
-    # After the all-to-all, tokens sit in rank order; masks follow their global positions.
-    positions = torch.cat([shard_positions(seq_len, r, world, layout, q.device) for r in range(world)])
     docs = gather_doc_ids(doc_ids, q.shape[0], group)
-    out_h, _ = attention(q_h, k_h, v_h, causal=causal, softmax_scale=softmax_scale,
-                         q_positions=positions if causal else None,
-                         k_positions=positions if causal else None, doc_ids=docs)
+    # After the all-to-all, tokens sit in rank order. Putting them back in sequence order
+    # makes the causal mask the plain diagonal, which the library kernels serve.
+    order = sequence_order(seq_len, world, layout, q.device)
+    if order is not None:
+        q_h, k_h, v_h = (t.index_select(1, order) for t in (q_h, k_h, v_h))
+        docs = None if docs is None else docs.index_select(1, order)
+    out_h, _ = attention(q_h, k_h, v_h, causal=causal, softmax_scale=softmax_scale, doc_ids=docs)
+    if order is not None:
+        out_h = out_h.index_select(1, torch.argsort(order))
     return heads_to_seq(out_h, group)
+
+
+def sequence_order(seq_len: int, world: int, layout: str, device=None):
+    """Permutation from rank order (after the all-to-all) to sequence order; None if equal."""
+    positions = torch.cat([shard_positions(seq_len, r, world, layout) for r in range(world)])
+    if torch.equal(positions, torch.arange(seq_len)):
+        return None
+    return torch.argsort(positions).to(device)

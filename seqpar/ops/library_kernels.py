@@ -1,0 +1,193 @@
+"""Library attention kernels as seqpar backends: PyTorch's fused ops and flash-attn.
+
+All of them return the log-sum-exp, which is what lets ring attention merge blocks:
+- CPU: `aten._scaled_dot_product_flash_attention_for_cpu` (+ `_backward`): bhsd, native
+  GQA, float64/32/bf16/fp16, SDPA's causal = top-left aligned.
+- CUDA: PyTorch's flash (`_scaled_dot_product_flash_attention`), cuDNN
+  (`_scaled_dot_product_cudnn_attention`) and memory-efficient (`_efficient_attention_forward`)
+  ops with their backwards, as PyTorch's own context parallelism calls them per block;
+  the `flash-attn` package (FA2) when installed, whose causal is bottom-right aligned.
+
+The glue is shared: bshd <-> the op's layout, K/V heads expanded for ops without GQA
+(and their gradients summed back), the op's LSE reshaped to [b, h, sq]. The CPU flash op
+has the same bhsd + LSE contract as the CUDA flash op, so the CPU tests exercise the
+shared glue. No CUDA backend serves a block before it passed the registry's self-test.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .backends import ALL_DTYPES, Backend
+from .masks import BOTTOM_RIGHT, CAUSAL, NONE, TOP_LEFT
+
+aten = torch.ops.aten
+TOP_LEFT_KINDS = (NONE, CAUSAL, TOP_LEFT)          # SDPA's is_causal
+BOTTOM_RIGHT_KINDS = (NONE, CAUSAL, BOTTOM_RIGHT)  # flash-attn's causal
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _expand(kv: torch.Tensor, groups: int) -> torch.Tensor:
+    return kv if groups == 1 else kv.repeat_interleave(groups, dim=2)
+
+
+def _fold(dkv: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum the gradients of expanded K/V heads back onto their shared head."""
+    if groups == 1:
+        return dkv
+    b, s, h, d = dkv.shape
+    return dkv.reshape(b, s, h // groups, groups, d).sum(3)
+
+
+def fused_backend(name, device_type, dtypes, kinds, fwd_op, bwd_op, *, bshd=False,
+                  native_gqa=False, head_dims=None, available=lambda device: True, source=""):
+    """A Backend around a fused op pair taking (q, k, v, is_causal, scale) in bhsd (or
+    bshd) and returning (out, lse); bwd_op(dout, q, k, v, out, lse, is_causal, scale)."""
+
+    def layout(t):
+        return t if bshd else t.transpose(1, 2)
+
+    def groups(q, k):
+        return 1 if native_gqa else q.shape[2] // k.shape[2]
+
+    def forward(q, k, v, scale, mask):
+        g = groups(q, k)
+        out, lse = fwd_op(layout(q), layout(_expand(k, g)), layout(_expand(v, g)),
+                          mask["kind"].kind != NONE, scale)
+        b, sq, hq, _ = q.shape
+        return layout(out), lse[..., :sq].reshape(b, hq, sq)
+
+    def backward(dout, q, k, v, out, lse, delta, scale, mask):
+        g = groups(q, k)
+        dq, dk, dv = bwd_op(layout(dout), layout(q), layout(_expand(k, g)), layout(_expand(v, g)),
+                            layout(out), lse.float() if lse.dtype != q.dtype else lse,
+                            mask["kind"].kind != NONE, scale)
+        return layout(dq), _fold(layout(dk), g), _fold(layout(dv), g)
+
+    return Backend(name, device_type, dtypes, kinds, forward, backward, head_dims=head_dims,
+                   native_gqa=native_gqa, takes_delta=False, available=available, source=source)
+
+
+# ------------------------------------------------------------------ CPU: PyTorch's flash
+
+def _cpu_flash_fwd(q, k, v, causal, scale):
+    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _cpu_flash_bwd(dout, q, k, v, out, lse, causal, scale):
+    # The op wants the LSE in its own dtype (float64 for float64 inputs, else float32).
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
+
+
+CPU_FLASH = fused_backend("flash", "cpu", ALL_DTYPES, TOP_LEFT_KINDS, _cpu_flash_fwd, _cpu_flash_bwd,
+                          native_gqa=True, source="aten._scaled_dot_product_flash_attention_for_cpu")
+
+
+# ------------------------------------------------------------------ CUDA: PyTorch's fused ops
+
+def _sm80(device: torch.device) -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _empty_rng(q):
+    return torch.empty(0, dtype=torch.int64, device=q.device)
+
+
+def _flash_fwd(q, k, v, causal, scale):
+    out, lse, *_ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out, lse
+
+
+def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
+    sq, sk = q.shape[2], k.shape[2]
+    return aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse.contiguous(), None, None, sq, sk, 0.0, causal,
+        _empty_rng(q), _empty_rng(q), scale=scale)
+
+
+def _cudnn_fwd(q, k, v, causal, scale):
+    out, lse, *_ = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                             scale=scale)
+    return out, lse
+
+
+def _cudnn_bwd(dout, q, k, v, out, lse, causal, scale):
+    b, h, sq, _ = q.shape
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.reshape(b, h, sq, 1).contiguous(), _empty_rng(q), _empty_rng(q), None,
+        None, None, sq, k.shape[2], 0.0, causal, scale=scale)
+
+
+def _mask_type(causal: bool) -> int:
+    return 1 if causal else 0  # 1: causal from the top left, as SDPA
+
+
+def _efficient_fwd(q, k, v, causal, scale):  # bshd in, bshd out
+    out, lse, *_ = aten._efficient_attention_forward(q, k, v, None, None, None, None, None, 0.0,
+                                                     _mask_type(causal), True, scale=scale)
+    return out, lse
+
+
+def _efficient_bwd(dout, q, k, v, out, lse, causal, scale):
+    sq = q.shape[1]
+    padded = -(-sq // 32) * 32  # the op's LSE rows are padded to a multiple of 32
+    lse = torch.nn.functional.pad(lse, (0, padded - sq)).contiguous()
+    dq, dk, dv, _ = aten._efficient_attention_backward(
+        dout, q, k, v, None, out, None, None, sq, k.shape[1], lse, 0.0, _empty_rng(q), _empty_rng(q),
+        _mask_type(causal), False, scale=scale)
+    return dq, dk, dv
+
+
+CUDA_LIBRARY = [
+    fused_backend("flash", "cuda", HALF, TOP_LEFT_KINDS, _flash_fwd, _flash_bwd,
+                  head_dims=tuple(range(8, 257, 8)), available=_sm80,
+                  source="aten._scaled_dot_product_flash_attention"),
+    fused_backend("cudnn", "cuda", HALF, TOP_LEFT_KINDS, _cudnn_fwd, _cudnn_bwd,
+                  head_dims=tuple(range(8, 129, 8)), available=_sm80,
+                  source="aten._scaled_dot_product_cudnn_attention"),
+    fused_backend("efficient", "cuda", (torch.float32,) + HALF, TOP_LEFT_KINDS, _efficient_fwd,
+                  _efficient_bwd, bshd=True, available=lambda d: torch.cuda.is_available(),
+                  source="aten._efficient_attention_forward"),
+]
+
+
+# ------------------------------------------------------------------ CUDA: flash-attn (FA2)
+
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_interface  # optional extra: pip install flash-attn
+        return flash_attn_interface
+    except Exception:  # not installed, or built for another torch: the backend is unavailable
+        return None
+
+
+def _call(fn, **kw):
+    """Call with the keywords this flash-attn version accepts (its signatures drift)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kw.items() if k in params})
+
+
+def _fa_fwd(q, k, v, causal, scale):  # bshd
+    res = _call(_flash_attn()._flash_attn_forward, q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale,
+                causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
+                softcap=0.0, alibi_slopes=None, return_softmax=False)
+    return res[0], res[1] if len(res) < 6 else res[5]  # v2.6+: (out, lse, ...); older: 8-tuple
+
+
+def _fa_bwd(dout, q, k, v, out, lse, causal, scale):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _call(_flash_attn()._flash_attn_backward, dout=dout, q=q, k=k, v=v, out=out,
+          softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
+          causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
+          softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
+    return dq, dk, dv
+
+
+FLASH_ATTN = fused_backend("flash-attn", "cuda", HALF, BOTTOM_RIGHT_KINDS, _fa_fwd, _fa_bwd, bshd=True,
+                           native_gqa=True, head_dims=tuple(range(8, 257, 8)),
+                           available=lambda d: _sm80(d) and _flash_attn() is not None,
+                           source="flash_attn.flash_attn_interface (FA2)")
