@@ -5,6 +5,7 @@
     seqpar bench attention --algo ring,ulysses,hybrid --world-size 4 --seq-len 4096
     seqpar bench kernels [--device cuda] [--seq-len 4k,8k,...]
     seqpar build-ext
+    seqpar doctor [--device cuda] [--dtype bfloat16] [--head-dim 128]
     seqpar plan --model configs/models/llama3_8b_shape.json --seq-len 128k --gpus 8 --gpu-mem 80GiB
     seqpar bench memory --model configs/models/bench_small.json --seq-len 2048,4096 --world-size 2
     seqpar eval ppl --model DIR --lengths 1k,2k,4k [--sp-size N] [--compare OTHER/ppl.json]
@@ -48,6 +49,9 @@ def _bench_attention_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds allowed for each spawned run (default: 3600)")
+    p.add_argument("--kernel", default="auto",
+                   help="local attention kernel order(s) to compare side by side, comma-separated: "
+                        "auto, flash, cudnn, efficient, flash-attn, seqpar, torch (default: auto)")
     p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     p.set_defaults(func=_run_bench_attention)
 
@@ -61,7 +65,8 @@ def _run_bench_attention(args) -> int:
         seq_len=args.seq_len, ulysses_size=args.ulysses_size, batch=args.batch,
         heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
         layout=args.layout, causal=args.causal, iters=args.iters, warmup=args.warmup,
-        baseline=args.baseline, device=args.device, seed=args.seed, timeout=args.timeout)
+        baseline=args.baseline, device=args.device, seed=args.seed, timeout=args.timeout,
+        kernels=tuple(k.strip() for k in args.kernel.split(",") if k.strip()))
     try:
         attention.main(cfg, json_path=args.json)
     except DistributedRunError as e:
@@ -151,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(commands)
     from .plan.cli import add_plan_command  # seqpar plan (seqpar/plan/cli.py)
     add_plan_command(commands)
+
+    from .bench.doctor import add_parser as add_doctor  # seqpar/bench/doctor.py
+    add_doctor(commands)
 
     commands.add_parser(
         "build-ext", help="compile the seqpar ops (csrc/) now and say what was built",

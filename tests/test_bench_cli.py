@@ -12,17 +12,22 @@ def test_bench_attention_tiny_run(tmp_path, capsys):
     path = tmp_path / "bench.json"
     rc = main(["bench", "attention", "--algo", "ring,ulysses", "--world-size", "2",
                "--seq-len", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
-               "--iters", "1", "--warmup", "0", "--json", str(path)])
+               "--iters", "1", "--warmup", "0", "--kernel", "auto,torch", "--json", str(path)])
     assert rc == 0
     out, err = capsys.readouterr()
-    assert "[bench] ring W=2 S=64: running..." in err
-    from seqpar.ops import attention_backend
-
-    assert f"attention backend: {attention_backend()}" in out and "| algo |" in out
+    assert "[bench] ring W=2 S=64 kernel=auto: running..." in err
+    assert "kernels: auto,torch" in out and "| algo |" in out and "| time vs kernel auto |" in out
 
     result = json.loads(path.read_text())
     assert result["torch_version"] and result["date"] and result["device"].startswith("CPU gloo")
-    rows = {r["algo"]: r for r in result["rows"]}
+    assert [(r["algo"], r["kernel"]) for r in result["rows"]] == [
+        (algo, kernel) for algo in ("single", "ring", "ulysses") for kernel in ("auto", "torch")]
+    # Each row says which kernel served its blocks: PyTorch's flash under auto, pure torch when forced.
+    by_kernel = {k: [r for r in result["rows"] if r["kernel"] == k] for k in ("auto", "torch")}
+    assert all("causal: flash" in r["attention_backend"] for r in by_kernel["auto"])
+    assert all("causal: torch" in r["attention_backend"] and r["time_ratio_vs_first_kernel"] > 0
+               for r in by_kernel["torch"])
+    rows = {r["algo"]: r for r in by_kernel["auto"]}
     assert list(rows) == ["single", "ring", "ulysses"]
     assert rows["single"]["world_size"] == 1 and rows["single"]["bytes_sent_per_rank"] == 0
 

@@ -53,7 +53,8 @@ def test_attention_rows(bench):
     fwd_flops = 4 * B * HQ * S * S * D / 2
     for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
         by_path = {r["path"]: r for r in rows if r["pass"] == mode}
-        assert list(by_path) == [kernels.SEQPAR_ATTN, kernels.TORCH_ATTN, kernels.SDPA]
+        kernel_rows = [kernels.KERNEL + name for name in ("flash", "seqpar", "torch")]
+        assert list(by_path) == [kernels.SEQPAR_ATTN, *kernel_rows, kernels.SDPA]
         base = by_path[kernels.SDPA]
         assert base["vs_baseline"] == pytest.approx(1.0)
         for r in by_path.values():
@@ -67,10 +68,10 @@ def test_attention_rows(bench):
 def test_report_and_json(bench):
     rows, saved, text = bench
     assert saved["rows"] == json.loads(json.dumps(rows))
-    assert saved["attention_backend"] == attention_backend()
+    assert saved["attention_backend"] == attention_backend("cpu", torch.float32, D)
     assert saved["torch_version"] == torch.__version__ and saved["date"] and saved["device"].startswith("CPU")
     assert saved["config"]["seq_lens"] == [S] and saved["config"]["kv_heads"] == HK
-    assert f"attention backend: {attention_backend()}" in text
+    assert f"attention backend: {attention_backend('cpu', torch.float32, D)}" in text
     assert "| seq len | path | MiB moved |" in text and "| seq len | pass | path | TFLOP |" in text
     assert text.count("\n| 128 |") == len(rows)
 

@@ -159,8 +159,8 @@ def _ring_worker(dtype_name):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_ring_attention_with_compiled_kernel(dtype):
     results = run_distributed(_ring_worker, 2, dtype)
-    # Packed documents: the diagonal blocks are document blocks, the others cross blocks.
-    assert all(r["documents"] == ["seqpar"] and r["positions"] == ["seqpar"] for r in results), results
+    # Packed documents: PyTorch's flash kernel cannot mask them, seqpar's C++ op serves them.
+    assert all(r["documents"] == ["seqpar"] and "flash" not in sum(r.values(), []) for r in results), results
 
 
 def test_build_ext_cli(capsys):

@@ -63,6 +63,7 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     timeout: float = 3600.0  # seconds, per spawned run
+    kernels: tuple = ("auto",)  # local attention kernel orders to compare, side by side
 
 
 def parse_algos(text) -> tuple:
@@ -109,6 +110,9 @@ def validate(cfg: BenchConfig) -> None:
 
     Runs in the parent before anything is spawned."""
     parse_algos(cfg.algos)
+    from ..ops.registry import check_kernel_name
+    for kernel in cfg.kernels:
+        check_kernel_name(kernel, "--kernel")
     for flag, value, low in (("--world-size", cfg.world_size, 1), ("--seq-len", cfg.seq_len, 1),
                              ("--batch", cfg.batch, 1), ("--heads", cfg.heads, 1),
                              ("--kv-heads", cfg.kv_heads, 1), ("--head-dim", cfg.head_dim, 1),
@@ -262,16 +266,17 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------- ranks
 
-def _rank_work(cfg_dict: dict, algo: str) -> dict:
+def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
     """One rank of one run (spawned by run_distributed; module-level so spawn can pickle it)."""
     import torch
     import torch.distributed as dist
 
-    from ..ops import attention, attention_backend
+    from ..ops import attention, registry, set_attention_kernel
     from ..parallel import count_comm, hybrid_attention, init_mesh, ring_attention, shard
     from ..parallel import ulysses_attention
 
     cfg = BenchConfig(**cfg_dict)
+    set_attention_kernel(kernel)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = (torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda"
               else torch.device("cpu"))
@@ -347,7 +352,7 @@ def _rank_work(cfg_dict: dict, algo: str) -> dict:
             times.append(elapsed)
     memory = mem.result()
     return {"rank": rank, "times_s": times, "median_s": statistics.median(times),
-            "comm": comm, "memory": memory, "backend": attention_backend(),
+            "comm": comm, "memory": memory, "backend": served_text(registry.served_summary(device.type)),
             "local_shape": list(q.shape)}
 
 
@@ -372,6 +377,11 @@ def algo_label(algo: str, cfg: BenchConfig) -> str:
         u = cfg.ulysses_size
         return f"hybrid U{u}xR{cfg.world_size // u}"
     return algo
+
+
+def served_text(served: dict) -> str:
+    """'causal: flash; documents: seqpar': which kernel served each block kind."""
+    return "; ".join(f"{kind}: {'/'.join(names)}" for kind, names in served.items()) or "-"
 
 
 def _summarize(algo: str, cfg: BenchConfig, ranks: list, wall_s: float) -> dict:
@@ -419,7 +429,6 @@ def run(cfg: BenchConfig, log=_log) -> dict:
     """Validate, run every algorithm (and the baseline), return all numbers."""
     import torch
 
-    from ..ops import attention_backend
     from ..parallel.spawn import run_distributed
 
     cfg = replace(cfg, algos=parse_algos(cfg.algos))
@@ -427,29 +436,39 @@ def run(cfg: BenchConfig, log=_log) -> dict:
     backend = "nccl" if cfg.device == "cuda" else "gloo"
     started = datetime.datetime.now().astimezone()
     rows = []
-    jobs = ([SINGLE] if cfg.baseline else []) + list(cfg.algos)
-    for algo in jobs:
+    jobs = [(algo, kernel) for algo in ([SINGLE] if cfg.baseline else []) + list(cfg.algos)
+            for kernel in cfg.kernels]
+    for algo, kernel in jobs:
         world = 1 if algo == SINGLE else cfg.world_size
-        name = f"{algo_label(algo, cfg) if algo != SINGLE else SINGLE} W={world} S={cfg.seq_len}"
+        name = (f"{algo_label(algo, cfg) if algo != SINGLE else SINGLE} W={world} S={cfg.seq_len} "
+                f"kernel={kernel}")
         log(f"[bench] {name}: running...")
         t0 = time.monotonic()
-        ranks = run_distributed(_rank_work, world, asdict(cfg), algo, timeout=cfg.timeout,
+        ranks = run_distributed(_rank_work, world, asdict(cfg), algo, kernel, timeout=cfg.timeout,
                                 backend=backend)
-        row = _summarize(algo, cfg, ranks, time.monotonic() - t0)
+        row = {**_summarize(algo, cfg, ranks, time.monotonic() - t0), "kernel": kernel}
         log(f"[bench] {name}: {row['time_s']:.4f} s per fwd+bwd (run took {row['wall_s']:.1f} s)")
         rows.append(row)
-    single = next((r for r in rows if r["algo"] == SINGLE), None)
+    _add_ratios(rows, cfg.kernels[0])
+    return {
+        "attention_backend": rows[0]["attention_backend"] if rows else "-",
+        "torch_version": torch.__version__, "device": _device_text(cfg),
+        "date": started.isoformat(timespec="seconds"),
+        "config": {**asdict(cfg), "algos": list(cfg.algos), "kernels": list(cfg.kernels)},
+        "rows": rows,
+    }
+
+
+def _add_ratios(rows: list, first_kernel: str) -> None:
+    """Time and memory vs the W=1 run of the same kernel; time vs the first kernel's row."""
+    def find(algo, kernel):
+        return next((r for r in rows if r["algo"] == algo and r["kernel"] == kernel), None)
     for row in rows:
+        single, first = find(SINGLE, row["kernel"]), find(row["algo"], first_kernel)
         row["time_ratio_vs_single"] = row["time_s"] / single["time_s"] if single else None
         row["mem_ratio_vs_single"] = (row["peak_mem_bytes_per_rank"] / single["peak_mem_bytes_per_rank"]
                                       if single and single["peak_mem_bytes_per_rank"] else None)
-    return {
-        "attention_backend": rows[0]["attention_backend"] if rows else attention_backend(),
-        "torch_version": torch.__version__, "device": _device_text(cfg),
-        "date": started.isoformat(timespec="seconds"),
-        "config": {**asdict(cfg), "algos": list(cfg.algos)},
-        "rows": rows,
-    }
+        row["time_ratio_vs_first_kernel"] = row["time_s"] / first["time_s"] if first else None
 
 
 # ----------------------------------------------------------------------------- output
@@ -461,24 +480,28 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 def format_report(result: dict) -> str:
     """Header line, configuration line, markdown table, and how the numbers were taken."""
     cfg = result["config"]
-    head = (f"seqpar bench attention | attention backend: {result['attention_backend']} | "
+    head = (f"seqpar bench attention | kernels: {','.join(cfg['kernels'])} | "
             f"torch {result['torch_version']} | {result['device']} | {result['date']}")
     setup = (f"batch {cfg['batch']}, heads {cfg['heads']}, kv heads {cfg['kv_heads']}, head dim "
              f"{cfg['head_dim']}, {cfg['dtype']}, {'causal' if cfg['causal'] else 'not causal'}, "
              f"{cfg['iters']} timed iters after {cfg['warmup']} warmup")
-    cols = ["algo", "W", "layout", "seq len", "s / fwd+bwd", "time vs W=1",
+    cols = ["algo", "W", "layout", "seq len", "kernel", "s / fwd+bwd", "time vs W=1",
+            f"time vs kernel {result['config']['kernels'][0]}",
             "sent/rank MiB (measured)", "theoretical MiB", "measured/theory",
             "peak mem/rank MiB", "mem vs W=1"]
     lines = [head, setup, "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join("---" if i < 3 else "--:" for i in range(len(cols))) + "|"]
+             "|" + "|".join("---" if i < 3 or i == 4 else "--:" for i in range(len(cols))) + "|"]
     for r in result["rows"]:
-        cells = [r["label"], str(r["world_size"]), r["layout"] or "-", str(r["seq_len"]),
+        cells = [r["label"], str(r["world_size"]), r["layout"] or "-", str(r["seq_len"]), r["kernel"],
                  f"{r['time_s']:.4f}", _fmt(r["time_ratio_vs_single"], ".2f"),
+                 _fmt(r["time_ratio_vs_first_kernel"], ".2f"),
                  f"{r['bytes_sent_per_rank'] / MIB:.2f}",
                  f"{r['bytes_theoretical_per_rank'] / MIB:.2f}",
                  _fmt(r["measured_over_theoretical"], ".3f"),
                  f"{r['peak_mem_bytes_per_rank'] / MIB:.1f}", _fmt(r["mem_ratio_vs_single"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "kernels that served each block kind (rank 0):"]
+    lines += [f"- {r['label']} kernel={r['kernel']}: {r['attention_backend']}" for r in result["rows"]]
     methods = sorted({m["method"] for r in result["rows"] for m in r["memory_by_rank"]})
     unreset = any(not m["peak_reset"] for r in result["rows"] for m in r["memory_by_rank"])
     lines += ["", "time: median over timed iters per rank, max over ranks. sent: bytes one rank "

@@ -40,7 +40,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_THETA = 10000.0  # Llama's default base; the frequencies do not change the traffic
 COPY, HF_EAGER, HF_COMPILE = "copy (same bytes)", "transformers eager", "transformers eager + torch.compile"
 SEQPAR_ROPE, SEQPAR_ROPE_POS = "seqpar apply_rope", "seqpar apply_rope_from_positions"
-SEQPAR_ATTN, TORCH_ATTN = "seqpar attention", "seqpar pure-torch fallback"
+SEQPAR_ATTN = "seqpar attention (auto)"
+KERNEL = "kernel "  # + a registry backend name: that kernel alone, on the same block
 SDPA, SDPA_FLASH, SDPA_CUDNN = "sdpa (default)", "sdpa flash", "sdpa cudnn"
 DEFAULTS = {  # what the flags left unset become, per device
     "cuda": dict(seq_lens="4096,8192,16384,32768,65536", heads=16, head_dim=128,
@@ -210,7 +211,7 @@ def _attention_rows(cfg, device, s):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ..ops import attention, torch_attention
+    from ..ops import attention
 
     q, k, v, dout = _inputs(cfg, device, s, cfg["heads"], cfg["kv_heads"], cfg["kv_heads"], cfg["heads"])
     for t in (q, k, v):
@@ -244,20 +245,14 @@ def _attention_rows(cfg, device, s):
                 return fwd()
         return run
 
-    @torch.no_grad()
-    def fallback_fwd_bwd():  # what seqpar.ops.attention runs when no compiled op serves
-        out, lse = torch_attention.attention_forward(q, k, v, causal=True)
-        return torch_attention.attention_backward(dout, q, k, v, out, lse, causal=True)
-
     kw = {"enable_gqa": True} if gqa else {}
     paths = [(SEQPAR_ATTN, lambda: attention(q, k, v, causal=True)[0], None, None)]
+    paths += _kernel_paths(q, k, v, dout, device)
     if device.type == "cuda":
         for name, backend in ((SDPA_FLASH, "FLASH_ATTENTION"), (SDPA_CUDNN, "CUDNN_ATTENTION")):
             paths.append((name, lambda: sdpa(q, k, v, **kw), None, getattr(SDPBackend, backend)))
     else:
-        paths += [(TORCH_ATTN, lambda: torch_attention.attention_forward(q, k, v, causal=True)[0],
-                   fallback_fwd_bwd, None),
-                  (SDPA, lambda: sdpa(q, k, v, **kw), None, None)]
+        paths.append((SDPA, lambda: sdpa(q, k, v, **kw), None, None))
     base = SDPA_FLASH if device.type == "cuda" else SDPA
     flops = 4 * cfg["batch"] * cfg["heads"] * s * s * cfg["head_dim"] / 2  # causal: half the scores
     rows = []
@@ -274,6 +269,32 @@ def _attention_rows(cfg, device, s):
                 row["vs_baseline"] = (base_row["time_s"] / row["time_s"]
                                       if row["time_s"] and base_row["time_s"] else None)
     return rows
+
+
+def _kernel_paths(q, k, v, dout, device) -> list:
+    """One path per self-tested registry kernel that serves a causal block here."""
+    import torch
+
+    from ..ops import registry
+    from ..ops.attention import run_backward, run_forward
+    from ..ops.masks import CAUSAL, MaskKind
+
+    kind, mask, head_dim = MaskKind(CAUSAL), {"causal": True}, q.shape[-1]
+    paths = []
+    for backend in registry.order(device.type):
+        if not (backend.serves(device, q.dtype, head_dim, CAUSAL) and backend.available(device)
+                and registry.verify(backend, device, q.dtype, head_dim).ok):
+            continue
+
+        def fwd(b=backend):
+            return run_forward(b, q, k, v, None, mask, kind)[0]
+
+        @torch.no_grad()
+        def fwd_bwd(b=backend):
+            out, lse = run_forward(b, q, k, v, None, mask, kind)
+            return run_backward(b, dout, q, k, v, out, lse, None, None, mask, kind)
+        paths.append((KERNEL + backend.name, fwd, fwd_bwd, None))
+    return paths
 
 
 # ----------------------------------------------------------------------------- run + report
@@ -297,7 +318,8 @@ def run_kernel_bench(*, json_path=None, out=None, log=_log, **options) -> list[d
     cfg = resolve_config(**options)
     device = torch.device(cfg["device"])
     started = datetime.datetime.now().astimezone()
-    backend = attention_backend()  # builds/loads the compiled ops now, before anything is timed
+    # Runs the kernels' self-tests (and builds the compiled ops) now, before anything is timed.
+    backend = attention_backend(device, getattr(torch, cfg["dtype"]), cfg["head_dim"])
     compiled_hf = _compile_hf_rope() if cfg["compile"] and "rope" in cfg["ops"] else None
     rows = []
     for s in cfg["seq_lens"]:
@@ -362,7 +384,8 @@ def format_report(meta: dict, rows: list[dict]) -> str:
                         attention_cells, attn)
     lines += ["", "max abs diff: against a float32 reference (transformers' eager rope / SDPA on float32 "
               "copies).",
-              "Targets on a GPU: seqpar rope >= 0.80 of copy; seqpar attention >= 1.0 x SDPA flash."]
+              "Targets on a GPU: seqpar rope >= 0.80 of copy; seqpar attention >= 1.0 x SDPA flash. "
+              "'kernel X' rows run one registry kernel alone; 'seqpar attention (auto)' is what training uses."]
     return "\n".join(lines)
 
 

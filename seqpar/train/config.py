@@ -44,6 +44,7 @@ class ParallelConfig:
     tiled_loss: bool = True
     tiled_mlp: int | None = None  # tokens per MLP tile (recomputed in backward); None = plain MLP
     offload_activations: bool = False  # tensors saved for backward live in pinned CPU memory
+    attention_kernel: str = "auto"  # auto | flash | cudnn | efficient | flash-attn | seqpar | torch
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..errors import SeqparError
 from ..model import enable_checkpointing, parallelize, shard_batch
+from ..ops import set_attention_kernel
 from ..parallel import init_mesh
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
@@ -169,6 +170,7 @@ def setup(cfg) -> Trainer:
     if dist.get_rank() == 0:
         _print_memory_plan(cfg, world, config)
     seed_everything(cfg.train.seed)
+    set_attention_kernel(cfg.parallel.attention_kernel)
     mesh = init_mesh(cfg.parallel.sp_size, cfg.parallel.ulysses_size)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     ds_config = deepspeed_config(cfg, mesh.dp_size, bf16)

@@ -20,6 +20,7 @@ import math
 import os
 
 from ..errors import SeqparError
+from ..ops.registry import KERNEL_NAMES
 from ..parallel import LAYOUTS, check_layout, check_mesh_sizes
 from ..parallel.ulysses import kv_replication
 from .config import RunConfig
@@ -130,6 +131,7 @@ def _choice(key: str, value, choices) -> None:
 def _check_choices(cfg: RunConfig) -> None:
     _choice("parallel.attention", cfg.parallel.attention, ATTENTIONS)
     _choice("parallel.layout", cfg.parallel.layout, LAYOUTS)
+    _choice("parallel.attention_kernel", cfg.parallel.attention_kernel, KERNEL_NAMES)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     _choice("rope.method", _rope_method(cfg), ROPE_METHODS)
