@@ -174,3 +174,25 @@ def test_matches_single_device_attention_world_8(backend):
         pytest.skip("needs 8 GPUs")
     cases = cases_for_eight()
     _assert_no_failures(run_distributed(run_cases, 8, cases, backend, timeout=900, backend=backend), cases)
+
+
+def run_cases_with_kernels(cases: list[Case], backend: str, kernels: list[str]) -> list[str]:
+    """The same cases with the local kernel order forced, one kernel after the other."""
+    from seqpar.ops import registry, set_attention_kernel
+    failures = []
+    for kernel in kernels:
+        set_attention_kernel(kernel)
+        registry.reset()
+        failures += [f"kernel={kernel}: {f}" for f in run_cases(cases, backend)]
+        served = sum(registry.served_summary().values(), [])
+        if kernel not in served:  # the forced kernel must really have served blocks
+            failures.append(f"kernel={kernel}: served nothing; blocks went to {served}")
+    set_attention_kernel(None)
+    return failures
+
+
+def test_matches_single_device_attention_forced_kernels():
+    """`auto` is the matrix above; here each other CPU kernel serves every block it can."""
+    cases = [c for c in cases_for(4) if c.dtype == torch.float32]
+    results = run_distributed(run_cases_with_kernels, 4, cases, "gloo", ["seqpar", "torch"], timeout=900)
+    _assert_no_failures(results, cases)
