@@ -205,6 +205,7 @@ BAD = [  # (overrides, world size, message regex)
     # names
     (["parallel.attention=rign"], WORLD, r"parallel.attention='rign' is not valid \(did you mean 'ring'\?\); choose one of ring, ulysses, hybrid"),
     (["parallel.layout=zigzg"], WORLD, r"parallel.layout='zigzg'.*did you mean 'zigzag'.*contiguous"),
+    (["parallel.attention_kernel=flash3"], WORLD, r"parallel.attention_kernel=.flash3.*did you mean .flash.*flash-attn"),
     (["model.dtype=fp16"], WORLD, r"model.dtype='fp16' is not valid.*auto, float32, bfloat16"),
     (["train.optimizer=adam"], WORLD, r"train.optimizer='adam'.*did you mean 'adamw'"),
     (["rope.method=yarm"], WORLD, r"rope.method='yarm'.*did you mean 'yarn'.*abf"),

@@ -206,7 +206,9 @@ def _check_kind(backend, device, dtype, head_dim, kind) -> float:
     out, lse = run_forward(backend, q, k, v, None, dev_mask, mask_kind)
     grads = run_backward(backend, dout, q, k, v, out, lse, None, None, dev_mask, mask_kind)
 
-    with torch.enable_grad():  # the test may run inside an autograd Function's forward
+    # The test may run inside an autograd Function's forward, under a checkpoint's or an
+    # offloader's saved-tensor hooks: identity hooks keep the oracle's graph out of theirs.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
         ref_out, ref_lse = attention_reference(*leaves, **mask)
         ref_out.backward(dout64)
