@@ -496,7 +496,7 @@ void check_cuda_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK(q.size(0) * q.size(2) <= 65535, "seqpar: CUDA attention needs batch * heads <= 65535.");
 }
 
-// Head dims 80 and 128 need more shared memory than sm_86/sm_89 give a block (101,376
+// Head dim 128 needs more shared memory than sm_86/sm_89 give a block (101,376
 // bytes); refuse those before any work instead of failing the launch. Python's
 // compiled.available() makes the same comparison, so dispatch never gets here with them.
 void check_smem_fits(int64_t head_dim, size_t need) {

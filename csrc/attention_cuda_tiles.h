@@ -1,8 +1,8 @@
 // Tile shapes and shared-memory footprint of the CUDA attention kernels (attention_cuda.cu).
 // Plain C++ so the CPU build reports the footprint too (ops.cpp registers
 // seqpar::attention_cuda_smem_bytes): Python compares it with the GPU's opt-in limit
-// before choosing this kernel (sm_86/sm_89 allow 101,376 bytes, less than head_dim 80
-// and 128 need), and the .cu checks it again before launching.
+// before choosing this kernel (sm_86/sm_89 allow 101,376 bytes, less than head_dim 128
+// needs), and the .cu checks it again before launching.
 #pragma once
 
 #include <algorithm>

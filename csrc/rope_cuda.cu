@@ -124,8 +124,8 @@ void launch(RopeArgs a, const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t tab_bytes = 2 * static_cast<int64_t>(sizeof(float)) * a.R;
   TORCH_CHECK(tab_bytes <= kDefaultSmem, "seqpar: CUDA rope supports rotary dims up to ",
               kDefaultSmem / (2 * sizeof(float)), "; got ", a.R, ".");
-  a.tok_per_block = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>({16, 4 * kThreads / per_tok, kDefaultSmem / tab_bytes})));
+  const int64_t fit = kDefaultSmem / std::max<int64_t>(1, tab_bytes);
+  a.tok_per_block = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({16, 4 * kThreads / per_tok, fit})));
   const int64_t blocks = (a.ntok + a.tok_per_block - 1) / a.tok_per_block;
   if (blocks == 0) return;
   const size_t smem = static_cast<size_t>(tab_bytes) * a.tok_per_block;
