@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -130,6 +132,39 @@ def test_two_processes_build_once_and_load_the_finished_library(tmp_path):
     lib = Path(library)
     assert lib.read_bytes() == Path(real).read_bytes()
     assert not list((lib.parent / "staging").glob("*.so"))  # published by rename
+
+
+def test_a_failed_build_is_shared_with_the_processes_waiting_for_it(monkeypatch, tmp_path):
+    """Ranks waiting on the lock take the failure instead of each repeating the build."""
+    compiles = []
+
+    def failing_compile(plan, staging):
+        compiles.append(plan.name)
+        time.sleep(0.5)
+        raise RuntimeError("c++: fatal error: no input files")
+
+    monkeypatch.setattr(_build, "_compile", failing_compile)
+    plan = _build._Plan("seqpar_ops_test", tmp_path / "ext", [], False, "")
+    start, errors = threading.Barrier(2), []
+
+    def rank():
+        start.wait()
+        try:
+            _build._load_or_build(plan, _build.ExtensionStatus())
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=rank) for _ in range(2)]  # flock also excludes threads
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert compiles == ["seqpar_ops_test"]
+    assert sorted(errors) == ["c++: fatal error: no input files",
+                              "the build failed in another process: RuntimeError: c++: fatal error: no input files"]
+    with pytest.raises(RuntimeError, match="no input files"):  # a later process tries again
+        _build._load_or_build(plan, _build.ExtensionStatus())
+    assert len(compiles) == 2
 
 
 @needs_ext

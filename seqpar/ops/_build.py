@@ -200,10 +200,16 @@ def _load_or_build(plan: _Plan, status: ExtensionStatus) -> None:
         torch.ops.load_library(str(plan.library))
         return
     plan.build_dir.mkdir(parents=True, exist_ok=True)
+    failed = plan.build_dir / "build.failed"  # "<attempt id>\n<error>" of the last failed build
+    seen = failed.read_text() if failed.exists() else None
     with _file_lock(plan.build_dir / "build.lock"):
         if plan.library.exists():  # another process built it while this one waited
             torch.ops.load_library(str(plan.library))
             return
+        if failed.exists() and (last := failed.read_text()) != seen:
+            # It failed while this process waited (the other ranks of one job): share the
+            # outcome instead of repeating a failing build once per rank.
+            raise RuntimeError(f"the build failed in another process: {last.split(chr(10), 1)[-1]}")
         staging = plan.build_dir / "staging"
         staging.mkdir(exist_ok=True)
         # cpp_extension's own lock file; one left by a killed build would hang ninja's
@@ -213,8 +219,13 @@ def _load_or_build(plan: _Plan, status: ExtensionStatus) -> None:
         print(f"seqpar: building compiled ops ({what}) in {plan.build_dir}; first time only, "
               f"a minute or two on few cores...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        built = _compile(plan, staging)
+        try:
+            built = _compile(plan, staging)
+        except Exception as e:
+            failed.write_text(f"{os.getpid()}-{time.time_ns()}\n{_last_line(e)}")
+            raise
         os.replace(built, plan.library)
+        failed.unlink(missing_ok=True)
         status.build_seconds = time.perf_counter() - t0
     print(f"seqpar: built compiled ops in {status.build_seconds:.0f} s", file=sys.stderr, flush=True)
 
@@ -227,11 +238,11 @@ def _compile(plan: _Plan, staging: Path) -> Path:
     if plan.with_cuda:
         env["TORCH_CUDA_ARCH_LIST"] = plan.archs
     with _environ(env):
-        cpp_extension.load(
+        built = cpp_extension.load(
             name=plan.name, sources=[str(s) for s in plan.sources], build_directory=str(staging),
             extra_cflags=CFLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(CSRC)],
             with_cuda=plan.with_cuda, is_python_module=False, verbose=_env_on("SEQPAR_EXT_VERBOSE"))
-    return staging / f"{plan.name}.so"
+    return Path(built)  # the library's path, as cpp_extension named it
 
 
 @contextlib.contextmanager
