@@ -15,7 +15,8 @@ pure-torch kernels with one warning; `SEQPAR_REQUIRE_EXT=1` makes that an error 
 
 Ranks of one job share the cache: the build runs under a file lock in the build dir and
 the library is published by an atomic rename, so no process ever loads a half-written
-`.so`. ninja is run from PATH by `cpp_extension`; the ninja of the `ninja` package or of
+`.so`; a build that fails while others wait hands them its error instead of being
+repeated once per rank. ninja is run from PATH by `cpp_extension`; the ninja of the `ninja` package or of
 the interpreter's scripts dir is put on PATH for the build (an absolute venv python, as
 under Slurm, does not have it there).
 """
