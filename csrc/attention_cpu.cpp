@@ -305,18 +305,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const std::optional<at::Tensor>& k_doc_ids) {
   check_qkv(q_in, k_in, v_in);
   check_float(q_in);
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "seqpar: dout and out must have q's shape ", q_in.sizes(), ".");
-  const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), Sk = k_in.size(1);
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == Hq && lse_in.size(2) == Sq,
-              "seqpar: lse must be [batch, heads, seq] = [", B, ", ", Hq, ", ", Sq, "]; got ", lse_in.sizes(), ".");
+  check_attention_bwd_args(q_in, dout_in, out_in, lse_in, delta_in);
+  const int64_t B = q_in.size(0), Sq = q_in.size(1), Sk = k_in.size(1);
   const auto acc = acc_type(q_in.scalar_type());
   auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   auto dout = dout_in.to(q.scalar_type()).contiguous();
   auto lse = lse_in.to(acc).contiguous();
   at::Tensor delta;
   if (delta_in.has_value() && delta_in->defined()) {
-    TORCH_CHECK(delta_in->sizes() == lse_in.sizes(), "seqpar: delta must have lse's shape ", lse_in.sizes(), ".");
     delta = delta_in->to(acc).contiguous();
   } else {  // delta = rowsum(dout * out), [b, h, s]
     delta = (dout.to(acc) * out_in.to(acc)).sum(-1).transpose(1, 2).contiguous();

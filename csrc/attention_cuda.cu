@@ -17,6 +17,7 @@
 
 #include <cmath>
 
+#include "attention_cuda_tiles.h"
 #include "common.h"
 #include "cuda_utils.cuh"
 
@@ -25,7 +26,7 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int kBQ = 64, kBK = 64, kWarps = 4, kThreads = kWarps * 32;
+constexpr int kWarps = 4, kThreads = kWarps * 32;  // tile shapes: attention_cuda_tiles.h
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
 
@@ -33,15 +34,6 @@ template <typename T> using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T
 template <typename T> using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
 template <typename T> using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// Shared-memory leading dims, padded against bank conflicts while keeping every 16-row
-// fragment start 32-byte aligned (WMMA's requirement).
-template <int D> struct Ld {
-  static constexpr int T = D + 8;      // bf16/fp16 [rows][D] tiles
-  static constexpr int S = kBK + 4;    // float score rows
-  static constexpr int P = kBK + 8;    // bf16/fp16 probability rows
-  static constexpr int O = D + 4;      // float output accumulator rows
-};
 
 struct AttnArgs {
   const void* q; const void* k; const void* v;
@@ -107,11 +99,6 @@ __device__ void store_rows(FragC (&acc)[D / 16], float* dst, int64_t ld, int row
 }
 
 // ------------------------------------------------------------------------- forward
-
-template <int D> constexpr size_t fwd_smem() {
-  return sizeof(uint16_t) * (3 * 64 * Ld<D>::T + kBQ * Ld<D>::P) +
-         sizeof(float) * (kBQ * Ld<D>::S + kBQ * Ld<D>::O + 2 * kBQ) + sizeof(int64_t) * (2 * kBQ + 2 * kBK);
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a) {
@@ -248,11 +235,6 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a) {
 }
 
 // ------------------------------------------------------------------------- backward
-
-template <int D> constexpr size_t bwd_smem() {
-  return sizeof(uint16_t) * (4 * 64 * Ld<D>::T + 2 * 64 * Ld<D>::P) + sizeof(float) * (2 * 64 * Ld<D>::S + 2 * 64) +
-         sizeof(int64_t) * (4 * 64);
-}
 
 struct BwdSmem {
   template <typename T, int D>
@@ -514,6 +496,18 @@ void check_cuda_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK(q.size(0) * q.size(2) <= 65535, "seqpar: CUDA attention needs batch * heads <= 65535.");
 }
 
+// Head dim 128 needs more shared memory than sm_86/sm_89 give a block (101,376
+// bytes); refuse those before any work instead of failing the launch. Python's
+// compiled.available() makes the same comparison, so dispatch never gets here with them.
+void check_smem_fits(int64_t head_dim, size_t need) {
+  int dev = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(need <= static_cast<size_t>(limit), "seqpar: CUDA attention with head_dim ", head_dim, " needs ", need,
+              " bytes of shared memory per block; this GPU (device ", dev, ") allows ", limit,
+              ". seqpar.ops.attention_forward routes such blocks to another kernel.");
+}
+
 template <typename Kernel>
 void launch(Kernel kernel, dim3 grid, size_t smem, const AttnArgs& a) {
   if (grid.x == 0 || grid.y == 0) return;
@@ -552,6 +546,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   a.m = ma.view(Sq, Sk);
   const dim3 grid(static_cast<unsigned>((Sq + kBQ - 1) / kBQ), static_cast<unsigned>(B * Hq));
   dispatch(q.scalar_type(), q.size(3), [&]<typename T, int D>() {
+    check_smem_fits(D, fwd_smem<D>());
     launch(attn_fwd_kernel<T, D>, grid, fwd_smem<D>(), a);
   });
   return {out, lse};
@@ -563,14 +558,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     double scale, const std::optional<at::Tensor>& q_positions, const std::optional<at::Tensor>& k_positions,
     const std::optional<at::Tensor>& q_doc_ids, const std::optional<at::Tensor>& k_doc_ids) {
   check_cuda_attention(q_in, k_in, v_in);
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "seqpar: dout and out must have q's shape ", q_in.sizes(), ".");
+  // The kernels read lse/delta through raw pointers: a wrong shape or a host tensor would
+  // be read out of bounds, not rejected.
+  check_attention_bwd_args(q_in, dout_in, out_in, lse_in, delta_in);
   const c10::cuda::OptionalCUDAGuard guard(q_in.device());
   auto q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
   auto dout = aligned(dout_in.to(q.scalar_type()));
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), Sk = k.size(1), Hk = k.size(2);
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == Hq && lse_in.size(2) == Sq,
-              "seqpar: lse must be [batch, heads, seq] = [", B, ", ", Hq, ", ", Sq, "]; got ", lse_in.sizes(), ".");
   auto lse = lse_in.to(at::kFloat).contiguous();
   at::Tensor delta = (delta_in.has_value() && delta_in->defined())
                          ? delta_in->to(at::kFloat).contiguous()
@@ -588,6 +582,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const dim3 grid_kv(static_cast<unsigned>((Sk + kBK - 1) / kBK), static_cast<unsigned>(B * Hk));
   const dim3 grid_q(static_cast<unsigned>((Sq + kBQ - 1) / kBQ), static_cast<unsigned>(B * Hq));
   dispatch(q.scalar_type(), q.size(3), [&]<typename T, int D>() {
+    check_smem_fits(D, bwd_smem<D>());
     launch(attn_bwd_dkdv_kernel<T, D>, grid_kv, bwd_smem<D>(), a);
     launch(attn_bwd_dq_kernel<T, D>, grid_q, bwd_smem<D>(), a);
   });

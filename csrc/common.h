@@ -6,6 +6,7 @@
 #include <c10/util/Optional.h>
 
 #include <limits>
+#include <utility>
 
 namespace seqpar {
 
@@ -111,6 +112,31 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
               ") must be a multiple of key/value heads (", k.size(2), ") for GQA/MQA.");
   TORCH_CHECK(q.device() == k.device() && k.device() == v.device(),
               "seqpar: q, k, v must be on one device.");
+}
+
+// The backward's inputs besides q, k, v: dout and out shaped as q, lse [batch, heads, seq]
+// and delta (optional) shaped as lse, all floating point and on q's device.
+inline void check_attention_bwd_args(const at::Tensor& q, const at::Tensor& dout, const at::Tensor& out,
+                                     const at::Tensor& lse, const std::optional<at::Tensor>& delta) {
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "seqpar: dout and out must have q's shape ",
+              q.sizes(), "; got dout", dout.sizes(), " out", out.sizes(), ".");
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == Sq,
+              "seqpar: lse must be [batch, heads, seq] = [", B, ", ", Hq, ", ", Sq, "]; got ", lse.sizes(),
+              ". Pass the lse the forward returned.");
+  const bool has_delta = delta.has_value() && delta->defined();
+  if (has_delta)
+    TORCH_CHECK(delta->sizes() == lse.sizes(), "seqpar: delta must have lse's shape ", lse.sizes(), "; got ",
+                delta->sizes(), ". delta = rowsum(dout * out) as [batch, heads, seq].");
+  const std::pair<const char*, const at::Tensor*> named[] = {
+      {"dout", &dout}, {"out", &out}, {"lse", &lse}, {"delta", has_delta ? &*delta : nullptr}};
+  for (const auto& [name, t] : named) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->device() == q.device(), "seqpar: attention backward got ", name, " on ", t->device(),
+                " but q on ", q.device(), "; move ", name, " to q's device.");
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "seqpar: ", name, " must be floating point; got ",
+                t->scalar_type(), ".");
+  }
 }
 
 inline at::ScalarType acc_type(at::ScalarType t) {

@@ -3,6 +3,8 @@
 // and autograd are registered from Python (seqpar/ops/compiled.py).
 #include <torch/library.h>
 
+#include "attention_cuda_tiles.h"
+
 TORCH_LIBRARY(seqpar, m) {
   // One block of attention: out [b, sq, hq, d] in q's dtype, lse [b, hq, sq] float32
   // (float64 for float64). Positions/doc ids are [s] or [b, s]; absent = no such mask.
@@ -26,4 +28,7 @@ TORCH_LIBRARY(seqpar, m) {
         "bool backward=False) -> (Tensor, Tensor)");
   m.def("rope_pos_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, float scaling, "
         "bool backward=False) -> ()");
+  // Shared memory per block the CUDA attention kernels need for a head_dim (0: no kernel
+  // for it). Defined in every build, so Python can compare it with a GPU's limit.
+  m.def("attention_cuda_smem_bytes(int head_dim) -> int", &seqpar::attention_cuda_smem_bytes);
 }

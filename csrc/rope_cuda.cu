@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "cuda_utils.cuh"
 #include "rope.h"
 
@@ -16,6 +18,7 @@ namespace seqpar {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kDefaultSmem = 48 * 1024;  // dynamic shared memory per block without opt-in
 
 struct RopeArgs {
   const void* q; const void* k; void* qo; void* ko;
@@ -116,10 +119,16 @@ void launch(RopeArgs a, const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t half = a.R / 2;
   const bool vec = vector_ok(q, V, half) && vector_ok(k, V, half) && vector_ok(qo, V, half) && vector_ok(ko, V, half);
   const int64_t per_tok = (a.Hq + a.Hk) * std::max<int64_t>(1, vec ? half / V : half);
-  a.tok_per_block = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, 4 * kThreads / per_tok)));
+  // Each token's cos and sin rows live in shared memory; launches stay under the 48 KB a
+  // block gets without opting in (rotary dim 512 x 16 tokens would ask for 64 KB).
+  const int64_t tab_bytes = 2 * static_cast<int64_t>(sizeof(float)) * a.R;
+  TORCH_CHECK(tab_bytes <= kDefaultSmem, "seqpar: CUDA rope supports rotary dims up to ",
+              kDefaultSmem / (2 * sizeof(float)), "; got ", a.R, ".");
+  const int64_t fit = kDefaultSmem / std::max<int64_t>(1, tab_bytes);
+  a.tok_per_block = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({16, 4 * kThreads / per_tok, fit})));
   const int64_t blocks = (a.ntok + a.tok_per_block - 1) / a.tok_per_block;
   if (blocks == 0) return;
-  const size_t smem = 2 * sizeof(float) * a.tok_per_block * a.R;
+  const size_t smem = static_cast<size_t>(tab_bytes) * a.tok_per_block;
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (vec)
     rope_kernel<T, V, FROM_POS><<<blocks, kThreads, smem, stream>>>(a);

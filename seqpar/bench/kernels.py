@@ -282,7 +282,7 @@ def _kernel_paths(q, k, v, dout, device) -> list:
     kind, mask, head_dim = MaskKind(CAUSAL), {"causal": True}, q.shape[-1]
     paths = []
     for backend in registry.order(device.type):
-        if not (backend.serves(device, q.dtype, head_dim, CAUSAL) and backend.available(device)
+        if not (backend.serves(device, q.dtype, head_dim, CAUSAL) and backend.available(device, head_dim)
                 and registry.verify(backend, device, q.dtype, head_dim).ok):
             continue
 

@@ -41,7 +41,9 @@ class Backend:
     head_dims: tuple | None = None  # None: any head_dim
     native_gqa: bool = True        # False: K/V heads are expanded inside the glue
     takes_delta: bool = True
-    available: Callable[[torch.device], bool] = lambda device: True
+    # available(device, head_dim=None): present and usable here (built, supported GPU, and
+    # for a given head_dim, e.g. enough shared memory per block)
+    available: Callable[..., bool] = lambda device, head_dim=None: True
     source: str = ""               # the op it calls, for `seqpar doctor`
 
     def serves(self, device: torch.device, dtype: torch.dtype, head_dim: int, kind: str,
@@ -79,9 +81,9 @@ def _compiled_backward(dout, q, k, v, out, lse, delta, scale, mask):
                                        **_kw(mask))
 
 
-def _compiled_available(device: torch.device) -> bool:
+def _compiled_available(device: torch.device, head_dim: int | None = None) -> bool:
     dtype = compiled.CUDA_ATTENTION_DTYPES[0] if device.type == "cuda" else torch.float32
-    return compiled.available(device, dtype, head_dim=compiled.CUDA_HEAD_DIMS[0])
+    return compiled.available(device, dtype, head_dim=head_dim or compiled.CUDA_HEAD_DIMS[0])
 
 
 TORCH = [Backend("torch", dev, ALL_DTYPES, MASK_KINDS, _torch_forward, _torch_backward,

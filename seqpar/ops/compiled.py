@@ -54,9 +54,13 @@ def available(device: torch.device, dtype: torch.dtype | None = None, *, op: str
     if device.type == "cpu":
         return True
     if device.type == "cuda" and _build.extension_status().cuda:
+        if torch.cuda.get_device_capability(device) < _build.MIN_CUDA_CAPABILITY:
+            return False  # built for sm_80+ only: a launch would fail with "no kernel image"
         if op == "rope":
             return dtype in _CUDA_ROPE_DTYPES
-        return dtype in CUDA_ATTENTION_DTYPES and head_dim in CUDA_HEAD_DIMS
+        return (dtype in CUDA_ATTENTION_DTYPES and head_dim in CUDA_HEAD_DIMS  # d128 > sm_86/89's smem
+                and torch.ops.seqpar.attention_cuda_smem_bytes(head_dim)
+                <= torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
     return False
 
 

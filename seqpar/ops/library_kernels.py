@@ -42,7 +42,7 @@ def _fold(dkv: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def fused_backend(name, device_type, dtypes, kinds, fwd_op, bwd_op, *, bshd=False,
-                  native_gqa=False, head_dims=None, available=lambda device: True, source=""):
+                  native_gqa=False, head_dims=None, available=lambda device, head_dim=None: True, source=""):
     """A Backend around a fused op pair taking (q, k, v, is_causal, scale) in bhsd (or
     bshd) and returning (out, lse); bwd_op(dout, q, k, v, out, lse, is_causal, scale)."""
 
@@ -150,7 +150,7 @@ CUDA_LIBRARY = [
                   head_dims=tuple(range(8, 129, 8)), available=_sm80,
                   source="aten._scaled_dot_product_cudnn_attention"),
     fused_backend("efficient", "cuda", (torch.float32,) + HALF, TOP_LEFT_KINDS, _efficient_fwd,
-                  _efficient_bwd, bshd=True, available=lambda d: torch.cuda.is_available(),
+                  _efficient_bwd, bshd=True, available=lambda d, head_dim=None: torch.cuda.is_available(),
                   source="aten._efficient_attention_forward"),
 ]
 
@@ -189,5 +189,5 @@ def _fa_bwd(dout, q, k, v, out, lse, causal, scale):
 
 FLASH_ATTN = fused_backend("flash-attn", "cuda", HALF, BOTTOM_RIGHT_KINDS, _fa_fwd, _fa_bwd, bshd=True,
                            native_gqa=True, head_dims=tuple(range(8, 257, 8)),
-                           available=lambda d: _sm80(d) and _flash_attn() is not None,
+                           available=lambda d, head_dim=None: _sm80(d) and _flash_attn() is not None,
                            source="flash_attn.flash_attn_interface (FA2)")

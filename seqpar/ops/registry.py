@@ -102,8 +102,8 @@ def select(device, dtype, head_dim, kind: str, custom_delta: bool = False) -> ba
     """The backend that serves a block (see module doc); pure torch when nothing else does."""
     device = torch.device(device)
     for backend in order(device.type):
-        if backend.serves(device, dtype, head_dim, kind, custom_delta) and backend.available(device) \
-                and verify(backend, device, dtype, head_dim).ok:
+        if (backend.serves(device, dtype, head_dim, kind, custom_delta)
+                and backend.available(device, head_dim) and verify(backend, device, dtype, head_dim).ok):
             _state.served.setdefault((device.type, kind), set()).add(backend.name)
             return backend
     raise SeqparError(f"no attention kernel serves {device.type} {dtype} head_dim={head_dim} "
@@ -126,7 +126,7 @@ def candidates(device, dtype, head_dim) -> list[backends.Backend]:
     device = torch.device(device)
     return [b for b in order(device.type)
             if any(b.serves(device, dtype, head_dim, kind) for kind in SELF_TEST_KINDS)
-            and b.available(device)]
+            and b.available(device, head_dim)]
 
 
 def agree_on_kernels(device, dtype, head_dim, all_ranks_ok, group_key=None) -> None:
