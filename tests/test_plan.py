@@ -41,7 +41,7 @@ def _saved_bytes(model, inputs) -> int:
     return sum(seen.values())
 
 
-def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq):
+def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq, tiled_layer=None):
     """Saved bytes per token of one decoder layer: a 2-layer minus a 1-layer model."""
     from seqpar.model import enable_checkpointing, parallelize, shard_batch
     from seqpar.parallel import init_mesh
@@ -55,7 +55,7 @@ def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq):
             cfg._attn_implementation = "sdpa"
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype_name))
         if seqpar:
-            parallelize(model, mesh, tiled_mlp=tiled_mlp)
+            parallelize(model, mesh, tiled_mlp=tiled_mlp, tiled_layer=tiled_layer)
         if checkpointing:
             enable_checkpointing(model)
         model.train()
@@ -65,22 +65,24 @@ def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq):
     return (totals[1] - totals[0]) / seq
 
 
-CASES = [(dtype, seqpar, ckpt, mlp) for dtype in ("float32", "bfloat16")
-         for seqpar, ckpt, mlp in ((True, False, None), (True, False, 64), (True, True, None), (False, False, None))]
+CASES = [(dtype, seqpar, ckpt, mlp, layer) for dtype in ("float32", "bfloat16")
+         for seqpar, ckpt, mlp, layer in ((True, False, None, None), (True, False, 64, None), (True, True, None, None),
+                                          (False, False, None, None), (True, False, None, 64))]
 
 
 def test_saved_activations_per_layer_match_autograd():
     seq = 256
     measured = run_distributed(_per_layer_saved_all, 1, CASES, seq)[0]
     shape = ModelShape.from_config(_config(1))
-    for (dtype, seqpar, ckpt, mlp), got in zip(CASES, measured):
+    for (dtype, seqpar, ckpt, mlp, layer), got in zip(CASES, measured):
         b = 4 if dtype == "float32" else 2
-        want = b * shape.hidden if ckpt else saved_per_layer_token(shape, b, tiled_mlp=bool(mlp))
-        assert got == want, (dtype, seqpar, ckpt, mlp)
+        want = b * shape.hidden if ckpt else saved_per_layer_token(shape, b, tiled_mlp=bool(mlp),
+                                                                   tiled_layer=bool(layer))
+        assert got == want, (dtype, seqpar, ckpt, mlp, layer)
 
 
 def _per_layer_saved_all(cases, seq):
-    return [_per_layer_saved(*case, seq) for case in cases]
+    return [_per_layer_saved(dtype, seqpar, ckpt, mlp, seq, layer) for dtype, seqpar, ckpt, mlp, layer in cases]
 
 
 def test_model_shape_counts_every_parameter():
