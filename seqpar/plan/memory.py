@@ -222,8 +222,10 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         # backward or dq/dk/dv in attention's backward. One tile's working set: the
         # recomputed o_proj output, residual, norm (float32) and gate/up/act/product, and
         # their gradients.
+        # Each weight is used once per tile: autograd sums the tiles' weight gradients in a
+        # buffer while the next tile's arrives (two copies of the layer's, measured).
         tile = run.tiled_layer
-        out.update(tiled_layer=True, grads_full=b * t * (h + q), dy=b * t * h,
+        out.update(tiled_layer=True, grads_full=b * t * (h + q) + 2 * b * shape.layer_params, dy=b * t * h,
                    tile_work=tile * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h))
         return out
     # Gradients in flight in one layer's backward: float32 in the norms, two of the
