@@ -12,7 +12,7 @@ from seqpar.cli import main
 from seqpar.errors import SeqparError
 from seqpar.parallel.spawn import run_distributed
 from seqpar.plan.cli import max_seq_len, parse_bytes, parse_tokens
-from seqpar.plan.memory import ModelShape, RunShape, estimate, saved_per_layer_token
+from seqpar.plan.memory import DS_REDUCE_BUCKET, ModelShape, RunShape, estimate, saved_per_layer_token
 
 TINY = "configs/models/tiny_llama.json"
 SHAPE_8B = "configs/models/llama3_8b_shape.json"
@@ -191,3 +191,18 @@ def test_train_memory_report_warns_with_fixes(monkeypatch):
     cfg.model.gradient_checkpointing, cfg.parallel.tiled_mlp = True, 8192
     line, fits = check.memory_report(cfg, 8, config, "cuda")
     assert fits and line.startswith("[seqpar] memory plan: ~") and "warning" not in line
+
+
+def test_tiled_layer_and_zero3_offload_terms():
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(SHAPE_8B))
+    base = RunShape(seq_len=1 << 20, world=1, sp_size=1, zero=3, gradient_checkpointing=True, tiled_mlp=8192,
+                    offload_optimizer=True, offload_params=True, offload_activations=True)
+    alst, tiled = estimate(shape, base), estimate(shape, replace(base, tiled_layer=8192))
+    assert tiled.total < 0.5 * alst.total and tiled.activations == 0
+    # ZeRO-3 with optimizer offload keeps only the reduce bucket of gradients on the GPU
+    # (stage3.py: grad_partitions_flat_buffer on the host, in the model dtype by default).
+    assert alst.gradients == 2 * DS_REDUCE_BUCKET
+    on_gpu = estimate(shape, replace(base, offload_optimizer=False, offload_params=False))
+    assert on_gpu.detail["gradients_full"] == 2 * DS_REDUCE_BUCKET + 2 * shape.params
+    fp32 = estimate(shape, replace(base, offload_optimizer=False, offload_params=False, grad_accum_dtype="float32"))
+    assert fp32.detail["gradients_full"] == 2 * DS_REDUCE_BUCKET + 4 * shape.params
