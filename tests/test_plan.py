@@ -12,7 +12,7 @@ from seqpar.cli import main
 from seqpar.errors import SeqparError
 from seqpar.parallel.spawn import run_distributed
 from seqpar.plan.cli import max_seq_len, parse_bytes, parse_tokens
-from seqpar.plan.memory import ModelShape, RunShape, estimate, saved_per_layer_token
+from seqpar.plan.memory import DS_REDUCE_BUCKET, ModelShape, RunShape, estimate, saved_per_layer_token
 
 TINY = "configs/models/tiny_llama.json"
 SHAPE_8B = "configs/models/llama3_8b_shape.json"
@@ -41,7 +41,7 @@ def _saved_bytes(model, inputs) -> int:
     return sum(seen.values())
 
 
-def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq):
+def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq, tiled_layer=None):
     """Saved bytes per token of one decoder layer: a 2-layer minus a 1-layer model."""
     from seqpar.model import enable_checkpointing, parallelize, shard_batch
     from seqpar.parallel import init_mesh
@@ -55,7 +55,7 @@ def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq):
             cfg._attn_implementation = "sdpa"
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype_name))
         if seqpar:
-            parallelize(model, mesh, tiled_mlp=tiled_mlp)
+            parallelize(model, mesh, tiled_mlp=tiled_mlp, tiled_layer=tiled_layer)
         if checkpointing:
             enable_checkpointing(model)
         model.train()
@@ -65,22 +65,24 @@ def _per_layer_saved(dtype_name, seqpar, checkpointing, tiled_mlp, seq):
     return (totals[1] - totals[0]) / seq
 
 
-CASES = [(dtype, seqpar, ckpt, mlp) for dtype in ("float32", "bfloat16")
-         for seqpar, ckpt, mlp in ((True, False, None), (True, False, 64), (True, True, None), (False, False, None))]
+CASES = [(dtype, seqpar, ckpt, mlp, layer) for dtype in ("float32", "bfloat16")
+         for seqpar, ckpt, mlp, layer in ((True, False, None, None), (True, False, 64, None), (True, True, None, None),
+                                          (False, False, None, None), (True, False, None, 64))]
 
 
 def test_saved_activations_per_layer_match_autograd():
     seq = 256
     measured = run_distributed(_per_layer_saved_all, 1, CASES, seq)[0]
     shape = ModelShape.from_config(_config(1))
-    for (dtype, seqpar, ckpt, mlp), got in zip(CASES, measured):
+    for (dtype, seqpar, ckpt, mlp, layer), got in zip(CASES, measured):
         b = 4 if dtype == "float32" else 2
-        want = b * shape.hidden if ckpt else saved_per_layer_token(shape, b, tiled_mlp=bool(mlp))
-        assert got == want, (dtype, seqpar, ckpt, mlp)
+        want = b * shape.hidden if ckpt else saved_per_layer_token(shape, b, tiled_mlp=bool(mlp),
+                                                                   tiled_layer=bool(layer))
+        assert got == want, (dtype, seqpar, ckpt, mlp, layer)
 
 
 def _per_layer_saved_all(cases, seq):
-    return [_per_layer_saved(*case, seq) for case in cases]
+    return [_per_layer_saved(dtype, seqpar, ckpt, mlp, seq, layer) for dtype, seqpar, ckpt, mlp, layer in cases]
 
 
 def test_model_shape_counts_every_parameter():
@@ -189,3 +191,18 @@ def test_train_memory_report_warns_with_fixes(monkeypatch):
     cfg.model.gradient_checkpointing, cfg.parallel.tiled_mlp = True, 8192
     line, fits = check.memory_report(cfg, 8, config, "cuda")
     assert fits and line.startswith("[seqpar] memory plan: ~") and "warning" not in line
+
+
+def test_tiled_layer_and_zero3_offload_terms():
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(SHAPE_8B))
+    base = RunShape(seq_len=1 << 20, world=1, sp_size=1, zero=3, gradient_checkpointing=True, tiled_mlp=8192,
+                    offload_optimizer=True, offload_params=True, offload_activations=True)
+    alst, tiled = estimate(shape, base), estimate(shape, replace(base, tiled_layer=8192))
+    assert tiled.total < 0.5 * alst.total and tiled.activations == 0
+    # ZeRO-3 with optimizer offload keeps only the reduce bucket of gradients on the GPU
+    # (stage3.py: grad_partitions_flat_buffer on the host, in the model dtype by default).
+    assert alst.gradients == 2 * DS_REDUCE_BUCKET
+    on_gpu = estimate(shape, replace(base, offload_optimizer=False, offload_params=False))
+    assert on_gpu.detail["gradients_full"] == 2 * DS_REDUCE_BUCKET + 2 * shape.params
+    fp32 = estimate(shape, replace(base, offload_optimizer=False, offload_params=False, grad_accum_dtype="float32"))
+    assert fp32.detail["gradients_full"] == 2 * DS_REDUCE_BUCKET + 4 * shape.params

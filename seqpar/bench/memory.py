@@ -15,6 +15,8 @@ Variants:
   data parallel over the W ranks, so every rank holds the whole sequence;
 - ``seqpar``: sequence parallel over the W ranks (ring attention, tiled loss);
 - ``+ckpt``: and gradient checkpointing; ``+tiled-mlp``: and the tiled MLP;
+- ``+tiled-layer``: and every token-wise part of each layer tiled (`parallel.tiled_layer`,
+  same tile size);
 - ``+offload``: and the checkpointed activations kept in CPU memory (CUDA only: on CPU
   ranks the offload target is the same memory).
 """
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 from .attention import MIB, PeakMemory
 
-VARIANTS = ("transformers", "seqpar", "+ckpt", "+tiled-mlp", "+offload")
+VARIANTS = ("transformers", "seqpar", "+ckpt", "+tiled-mlp", "+tiled-layer", "+offload")
 
 
 @dataclass
@@ -39,20 +41,22 @@ class Variant:
     gradient_checkpointing: bool = False
     tiled_mlp: int | None = None
     offload_activations: bool = False
+    tiled_layer: int | None = None
 
 
 def variants(names, tile: int) -> list[Variant]:
     """Each named variant; the '+' ones add their feature to all before them."""
     from ..errors import SeqparError
 
-    out, ckpt, mlp, offload = [], False, None, False
+    out, ckpt, mlp, layer, offload = [], False, None, None, False
     for name in VARIANTS:
         ckpt = ckpt or name == "+ckpt"
         mlp = tile if (mlp or name == "+tiled-mlp") else None
+        layer = tile if (layer or name == "+tiled-layer") else None
         offload = offload or name == "+offload"
         if name in names:
             out.append(Variant(name, seqpar=name != "transformers", gradient_checkpointing=ckpt,
-                               tiled_mlp=mlp, offload_activations=offload))
+                               tiled_mlp=mlp, offload_activations=offload, tiled_layer=layer))
     unknown = set(names) - set(VARIANTS)
     if unknown:
         raise SeqparError(f"unknown --variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}.")
@@ -81,6 +85,7 @@ def _run_config(model_file, variant: Variant, seq_len, zero_json, dtype):
     cfg.train.deepspeed_config = zero_json
     cfg.parallel.tiled_mlp = variant.tiled_mlp
     cfg.parallel.offload_activations = variant.offload_activations
+    cfg.parallel.tiled_layer = variant.tiled_layer
     return cfg
 
 
@@ -101,7 +106,7 @@ def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed,
     ds = deepspeed_config(cfg, mesh.dp_size, resolve_dtype(dtype) == torch.bfloat16)
     model, hf_ds = load_model(cfg, ds, config)
     if variant.seqpar:
-        parallelize(model, mesh, tiled_mlp=variant.tiled_mlp,
+        parallelize(model, mesh, tiled_mlp=variant.tiled_mlp, tiled_layer=variant.tiled_layer,
                     offload_activations=variant.offload_activations)
     if variant.gradient_checkpointing:
         enable_checkpointing(model)
@@ -241,7 +246,8 @@ def add_parser(benches) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
-    p.add_argument("--tiled-mlp", type=int, default=1024, help="tokens per MLP tile for +tiled-mlp")
+    p.add_argument("--tiled-mlp", type=int, default=1024,
+                   help="tokens per tile for +tiled-mlp and +tiled-layer")
     p.add_argument("--steps", type=int, default=2, help="training steps per run (the peak is over all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: gloo ranks; cuda: nccl, one GPU per rank")

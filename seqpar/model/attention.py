@@ -32,6 +32,10 @@ class SeqParallelPlan:
 
 def seqpar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      seqpar_plan: SeqParallelPlan | None = None, seqpar_doc_ids=None, **kwargs):
+    capture = getattr(module, "seqpar_capture", None)
+    if capture is not None:  # a tiled layer's projection stage: it attends later, at full length
+        return capture(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                       seqpar_plan=seqpar_plan, seqpar_doc_ids=seqpar_doc_ids, **kwargs)
     if seqpar_plan is None:
         raise SeqparError(
             "this model runs seqpar sequence-parallel attention but was called without its plan; "

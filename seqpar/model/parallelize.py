@@ -20,6 +20,7 @@ from .attention import (ALGORITHMS, ATTN_IMPLEMENTATION, SeqParallelPlan, check_
                         register_attention)
 from .loss import sharded_cross_entropy
 from .rope import use_fused_rope
+from .tiled_layer import use_tiled_layer
 from .tiled_mlp import use_tiled_mlp
 
 # Config fields that rescale logits after the LM head; the sharded loss does not apply them.
@@ -48,7 +49,7 @@ def _check_supported(model, algorithm: str, layout: str) -> None:
 
 def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
                 fused_rope: bool = True, tiled_loss: bool = True, tiled_mlp: int | None = None,
-                offload_activations: bool = False):
+                offload_activations: bool = False, tiled_layer: int | None = None):
     """Make `model` (any RoPE causal LM of transformers) run sequence-parallel over `mesh`.
 
     Afterwards, on every SP rank, `model(**seqpar.model.shard_batch(batch, mesh,
@@ -56,7 +57,10 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     parameter gradients over the SP group is the unsharded gradient. Returns `model`.
 
     `tiled_mlp=N` runs each layer's MLP in tiles of N tokens, recomputed in backward
-    (same numbers, less activation memory). `offload_activations=True` keeps the tensors
+    (same numbers, less activation memory). `tiled_layer=N` runs every token-wise part of
+    each decoder layer (norms, q/k/v/o projections with RoPE, residual adds, MLP) and the
+    final norm in tiles of N tokens, recomputed in backward; only attention's q, k, v and
+    output exist at full shard length (it includes the tiled MLP). `offload_activations=True` keeps the tensors
     saved for backward in (pinned) CPU memory; with gradient checkpointing on, those are
     just the layers' input hidden states.
     """
@@ -67,7 +71,9 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if fused_rope:
         use_fused_rope(model)
-    if tiled_mlp:
+    if tiled_layer:
+        use_tiled_layer(model, tiled_layer)
+    elif tiled_mlp:
         use_tiled_mlp(model, tiled_mlp)
     model.seqpar_plan = plan
     model.forward = _sharded_forward(model, plan, tiled_loss, offload_activations)

@@ -25,13 +25,20 @@ def _tiled_forward(plain_forward, tile_tokens: int):
     return forward
 
 
+def tile_module(module, tile_tokens: int) -> bool:
+    """Run a per-token `module` (an MLP, an RMSNorm) over sequence tiles; False if it
+    already was."""
+    if getattr(module.forward, "seqpar_tiled", False):
+        return False
+    module.forward = _tiled_forward(module.forward, tile_tokens)
+    return True
+
+
 def use_tiled_mlp(model, tile_tokens: int = 8192) -> int:
     """Tile the `mlp` of every decoder layer of `model`; returns how many were tiled."""
     count = 0
     for layer in model.get_decoder().layers:
         mlp = getattr(layer, "mlp", None)
-        if mlp is None or getattr(mlp.forward, "seqpar_tiled", False):
-            continue
-        mlp.forward = _tiled_forward(mlp.forward, tile_tokens)
-        count += 1
+        if mlp is not None and tile_module(mlp, tile_tokens):
+            count += 1
     return count

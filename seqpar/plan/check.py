@@ -29,8 +29,10 @@ def advice(est, cfg) -> list[str]:
     if est.activations + est.transient > est.states:
         if not cfg.model.gradient_checkpointing:
             out.append("model.gradient_checkpointing=true")
-        if not cfg.parallel.tiled_mlp:
+        if not cfg.parallel.tiled_mlp and not cfg.parallel.tiled_layer:
             out.append("parallel.tiled_mlp=8192")
+        if not cfg.parallel.tiled_layer:
+            out.append("parallel.tiled_layer=8192")
         out.append(f"a larger parallel.sp_size (now {cfg.parallel.sp_size})")
         if not cfg.parallel.offload_activations and cfg.model.gradient_checkpointing:
             out.append("parallel.offload_activations=true")

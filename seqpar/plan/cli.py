@@ -108,7 +108,8 @@ def plan(shape, base, gpus: int, capacity: int, sp_sizes, zeros, *, baseline: bo
             run = replace(base, world=gpus, sp_size=sp, zero=zero, plain_transformers=plain,
                           offload_params=base.offload_params and zero == 3)
             if plain:
-                run = replace(run, gradient_checkpointing=False, tiled_mlp=None, offload_activations=False)
+                run = replace(run, gradient_checkpointing=False, tiled_mlp=None, tiled_layer=None,
+                              offload_activations=False)
             est = estimate(shape, run)
             rows.append({"sp_size": sp, "zero": zero, "plain_transformers": plain, "estimate": est,
                          "fits": est.total <= capacity,
@@ -119,7 +120,8 @@ def plan(shape, base, gpus: int, capacity: int, sp_sizes, zeros, *, baseline: bo
 def format_plan(rows, shape, base, gpus: int, capacity: int) -> str:
     gib = lambda x: f"{x / GIB:.1f}"  # noqa: E731
     feats = [n for n, on in (("grad checkpointing", base.gradient_checkpointing),
-                             (f"tiled MLP ({base.tiled_mlp})", base.tiled_mlp),
+                             (f"tiled MLP ({base.tiled_mlp})", base.tiled_mlp and not base.tiled_layer),
+                             (f"tiled layer ({base.tiled_layer})", base.tiled_layer),
                              ("tiled loss", base.tiled_loss), ("offloaded activations", base.offload_activations),
                              ("optimizer offload", base.offload_optimizer)) if on]
     lines = [f"model: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}, "
@@ -163,6 +165,9 @@ def add_plan_command(commands) -> None:
                    help="without gradient checkpointing (default: on)")
     p.add_argument("--tiled-mlp", type=int, default=8192, metavar="TOKENS",
                    help="MLP tile in tokens; 0 = plain MLP (default 8192)")
+    p.add_argument("--tiled-layer", type=int, default=0, metavar="TOKENS",
+                   help="every token-wise part of each layer in tiles of TOKENS (parallel.tiled_layer); "
+                        "0 = off (default)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep checkpointed activations in pinned CPU memory")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
@@ -190,6 +195,7 @@ def run_plan(args) -> int:
     base = RunShape(seq_len=args.seq_len, world=args.gpus, attention=args.attention, dtype=args.dtype,
                     micro_batch=args.micro_batch, offload_optimizer=args.offload, offload_params=args.offload,
                     gradient_checkpointing=args.checkpointing, tiled_mlp=args.tiled_mlp or None,
+                    tiled_layer=args.tiled_layer or None,
                     offload_activations=args.offload_activations)
     rows = plan(shape, base, args.gpus, args.gpu_mem, sp_sizes, zeros, baseline=args.baseline)
     print(format_plan(rows, shape, base, args.gpus, args.gpu_mem), flush=True)

@@ -11,8 +11,10 @@ Psi = parameter count; N = ZeRO partitions = all ranks; t = tokens on this rank)
   the one being prefetched); 0 on the GPU with ZeRO-3 parameter offload.
 - gradients: ZeRO-0/1 keep full gradients (b*Psi) during backward; ZeRO-2 reduces them
   through a bucket (`reduce_bucket_size` elements) into a partition; ZeRO-3 allocates its
-  bucket and a float32 gradient partition once, for the whole run. On a CPU only the part
-  of a bucket that is written counts (RSS), on a GPU all of it.
+  bucket (GPU) and a gradient partition in `data_types.grad_accum_dtype` (default: the
+  model dtype) once, for the whole run: on the GPU, or in host memory with optimizer
+  offload (as deepspeed/runtime/zero/stage3.py places it). On a CPU only the part of a
+  bucket that is written counts (RSS), on a GPU all of it.
 - optimizer: DeepSpeed's float32 partition per rank: master weights (4) and Adam m and
   v (8) = 12*Psi/N (DeepSpeed's own estimators add the float32 gradient partition to
   this: 16*Psi/N); 0 on the GPU with optimizer offload.
@@ -91,9 +93,11 @@ class RunShape:
     offload_params: bool = False
     gradient_checkpointing: bool = False
     tiled_mlp: int | None = None
+    tiled_layer: int | None = None  # every token-wise part of a layer in tiles (seqpar.model.tiled_layer)
     offload_activations: bool = False
     tiled_loss: bool = True
     plain_transformers: bool = False  # transformers' own attention and loss, no seqpar
+    grad_accum_dtype: str | None = None  # DeepSpeed data_types.grad_accum_dtype (None: the model's)
     reduce_bucket: int = DS_REDUCE_BUCKET
     prefetch_bucket: int = DS_PREFETCH_BUCKET
     device: str = "cuda"  # cpu: buffers count only where they are written (RSS)
@@ -123,7 +127,8 @@ class MemoryEstimate:
         return {**asdict(self), "states": self.states, "total": self.total}
 
 
-def saved_per_layer_token(shape: ModelShape, b: int, *, tiled_mlp: bool = False) -> int:
+def saved_per_layer_token(shape: ModelShape, b: int, *, tiled_mlp: bool = False,
+                          tiled_layer: bool = False) -> int:
     """Bytes one decoder layer keeps for backward per token (no checkpointing).
 
     RMSNorm (x2): the float32 upcast of its input, the normalised value and its output in
@@ -131,10 +136,13 @@ def saved_per_layer_token(shape: ModelShape, b: int, *, tiled_mlp: bool = False)
     and a float32 rsqrt. Attention: rotated q and k, v and the output, and a float32
     log-sum-exp per head (seqpar's op and transformers' SDPA path alike: SDPA's GQA
     expansion is a view). MLP: gate, up, act(gate), act*up; none with the tiled MLP.
+    The tiled layer keeps only its input (the tiles' checkpoints) and attention's tensors.
     """
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    norms = 2 * ((4 + 2 * b) * h + 4)
     attention = b * (2 * q + 2 * kv) + 4 * shape.heads
+    if tiled_layer:
+        return b * h + attention
+    norms = 2 * ((4 + 2 * b) * h + 4)
     mlp = 0 if tiled_mlp else 4 * shape.intermediate * b
     return norms + attention + mlp
 
@@ -153,9 +161,19 @@ def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
     if run.zero == 2:  # reduced through the bucket into this rank's partition
         out["grads_early"] = b * (psi // n + (min(run.reduce_bucket, first) if cpu else run.reduce_bucket))
         out["grads_full"] = b * (psi // n + (min(run.reduce_bucket, psi) if cpu else run.reduce_bucket))
-    if run.zero == 3:  # a float32 partition and the bucket, both allocated for the whole run
-        out["grads_early"] = out["grads_full"] = \
-            4 * psi // n + b * (min(run.reduce_bucket, psi) if cpu else run.reduce_bucket)
+    if run.zero == 3:
+        # deepspeed/runtime/zero/stage3.py: the reduce bucket (`ipg_buckets`, reduce_bucket_size
+        # elements of the model dtype) is always on the GPU; the gradient partition
+        # (`grad_partitions_flat_buffer`, psi/N elements of data_types.grad_accum_dtype, the
+        # model dtype by default) lives on `self.device`: the GPU, or pinned host memory
+        # with offload_optimizer, which then also keeps the float32 gradients the CPU Adam
+        # reads (`fp32_partitioned_groups_flat[i].grad`) on the host.
+        g = DTYPE_BYTES[run.grad_accum_dtype] if run.grad_accum_dtype else b
+        bucket = b * (min(run.reduce_bucket, psi) if cpu else run.reduce_bucket)
+        partition = g * psi // n
+        out["grads_early"] = out["grads_full"] = bucket + (0 if run.offload_optimizer else partition)
+        if run.offload_optimizer:
+            out["cpu"] += partition
         live = 2 * shape.largest_layer_params  # the gathered layer and the prefetched next one
         out["parameters"] = b * (psi // n + live)
         if run.offload_params:
@@ -169,15 +187,19 @@ def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
 
 def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     plain, h, v = run.plain_transformers, shape.hidden, shape.vocab
-    tiled = bool(run.tiled_mlp) and not plain and t > run.tiled_mlp  # shorter: the plain MLP runs
-    layer = saved_per_layer_token(shape, b, tiled_mlp=tiled)
+    tiled_layer = bool(run.tiled_layer) and not plain and t > run.tiled_layer  # shorter: plain layers
+    tiled = not tiled_layer and bool(run.tiled_mlp) and not plain and t > run.tiled_mlp
+    layer = saved_per_layer_token(shape, b, tiled_mlp=tiled, tiled_layer=tiled_layer)
     per_layer = b * h if run.gradient_checkpointing else layer
     rope_tables = 0 if run.gradient_checkpointing else 2 * shape.head_dim * b
-    final_norm = (4 + 2 * b) * h
+    final_norm = b * h if tiled_layer else (4 + 2 * b) * h  # tiled: only its input is kept
     loss_saved = 4 * v if plain or not run.tiled_loss else 0  # log-softmax output
     saved = t * (shape.layers * per_layer + rope_tables + final_norm + loss_saved + 32)
-    if run.offload_activations and run.device != "cpu":
-        saved = t * (final_norm + loss_saved)  # save_on_cpu: what the loss saves stays
+    back_on_device = run.offload_activations and run.device != "cpu"
+    if back_on_device:
+        # save_on_cpu: what the loss saves stays; a tiled final norm's input comes back one
+        # tile at a time (each tile's checkpoint saved its own slice).
+        saved = t * ((0 if tiled_layer else final_norm) + loss_saved)
     # The largest short-lived working set at the end of forward / during backward.
     if plain or not run.tiled_loss:
         loss = t * v * (b + 4 + (4 if b != 4 else 0))  # logits, fp32 grad, fp32 upcast
@@ -185,18 +207,49 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         chunk = min(t, max(1, LOSS_CHUNK_LOGITS_BYTES // (4 * v)))
         loss = chunk * v * (4 + b) + 4 * v * h + 4 * t  # chunk logits (+ cast), fp32 dW, lse
     # With checkpointing one layer's activations are recomputed for its backward; with
-    # offloading they are brought back from CPU memory one layer at a time.
-    back_on_device = run.offload_activations and run.device != "cpu"
+    # offloading they are brought back from CPU memory one layer at a time. The tiled
+    # layer recomputes q, k, v, the attention output and its LSE (its input is the
+    # checkpoint, already counted in `saved` unless it was offloaded).
     recompute = t * layer if run.gradient_checkpointing or back_on_device else 0
+    if tiled_layer and run.gradient_checkpointing and not back_on_device:
+        recompute = t * (layer - b * h)
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    out = {"saved": saved, "loss": loss, "layer": t * layer, "recompute": recompute,
+           "attention_grads": b * t * (q + 2 * kv)}
+    if tiled_layer:
+        # Gradients at full length: dx (accumulating), d_out (gathered from the tiles for
+        # attention's backward), and either dy while the last o_proj/MLP tiles run
+        # backward or dq/dk/dv in attention's backward. One tile's working set: the
+        # recomputed o_proj output, residual, norm (float32) and gate/up/act/product, and
+        # their gradients.
+        # Each weight is used once per tile: autograd sums the tiles' weight gradients in a
+        # buffer while the next tile's arrives (two copies of the layer's, measured).
+        tile = run.tiled_layer
+        out.update(tiled_layer=True, grads_full=b * t * (h + q) + 2 * b * shape.layer_params, dy=b * t * h,
+                   tile_work=tile * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h))
+        return out
     # Gradients in flight in one layer's backward: float32 in the norms, two of the
     # intermediate width in the MLP's (act * up) backward. With the tiled MLP, per tile,
     # on top of the tile's recomputed gate/up/act/product.
     widest = 2 * shape.intermediate * t
     if tiled:
         widest = (4 + 2) * shape.intermediate * run.tiled_mlp
-    return {"saved": saved, "loss": loss, "layer": t * layer, "recompute": recompute,
-            "norm_grads": t * 4 * 2 * h, "attention_grads": b * t * (q + 2 * kv), "mlp_grads": b * widest}
+    out.update(norm_grads=t * 4 * 2 * h, mlp_grads=b * widest)
+    return out
+
+
+def _layer_backward(acts: dict, comm: int) -> dict:
+    """One layer's backward on top of what it recomputed: the largest of its moments."""
+    if acts.get("tiled_layer"):
+        attention = acts["grads_full"] + acts["attention_grads"]
+        if attention + comm >= acts["dy"] + acts["tile_work"]:
+            return {"transient": attention, "comm_buffers": comm}
+        return {"transient": acts["grads_full"] + acts["dy"] + acts["tile_work"]}
+    # Its norms' float32 gradients plus the larger of the attention backward (dq/dk/dv and
+    # the comm buffers, which exist only inside it) and the MLP's.
+    if acts["attention_grads"] + comm >= acts["mlp_grads"]:
+        return {"transient": acts["norm_grads"] + acts["attention_grads"], "comm_buffers": comm}
+    return {"transient": acts["norm_grads"] + acts["mlp_grads"]}
 
 
 def _comm(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
@@ -223,12 +276,7 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     states = _states(shape, run, b)
     acts = _activations(shape, run, b, t)
     comm = _comm(shape, run, b, t)
-    # One layer's backward: its norms' float32 gradients plus the larger of the attention
-    # backward (dq/dk/dv and the comm buffers, which exist only inside it) and the MLP's.
-    if acts["attention_grads"] + comm >= acts["mlp_grads"]:
-        layer_back = {"transient": acts["norm_grads"] + acts["attention_grads"], "comm_buffers": comm}
-    else:
-        layer_back = {"transient": acts["norm_grads"] + acts["mlp_grads"]}
+    layer_back = _layer_backward(acts, comm)
     # ZeRO-3 keeps its gradient buffers for the whole run; the others fill them in backward.
     always = {"gradients": states["grads_full"]} if run.zero == 3 else {}
     # Parameters and optimizer states are always there; the peak adds the largest of:
@@ -255,7 +303,7 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     est.detail = {"tokens_per_rank": t, "gradients_early": states["grads_early"],
                   "gradients_full": states["grads_full"],
                   "moments": {m: sum(v.values()) for m, v in moments.items()},
-                  **{f"act_{k}": v for k, v in acts.items()}}
+                  **{f"act_{k}": v for k, v in acts.items() if k != "tiled_layer"}}
     return est
 
 
@@ -275,11 +323,17 @@ def plan_for_run(cfg, world: int, *, device: str = "cuda", plain_transformers: b
         offload_optimizer=_offloads(zero.get("offload_optimizer")),
         offload_params=_offloads(zero.get("offload_param")),
         gradient_checkpointing=cfg.model.gradient_checkpointing, tiled_mlp=cfg.parallel.tiled_mlp,
+        tiled_layer=cfg.parallel.tiled_layer, grad_accum_dtype=_grad_accum_dtype(ds),
         offload_activations=cfg.parallel.offload_activations, tiled_loss=cfg.parallel.tiled_loss,
         plain_transformers=plain_transformers,
         reduce_bucket=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), device=device)
     return estimate(ModelShape.from_config(config or model_config(cfg)), run)
+
+
+def _grad_accum_dtype(ds: dict) -> str | None:
+    name = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
 
 
 def _offloads(section) -> bool:

@@ -44,6 +44,7 @@ class ParallelConfig:
     tiled_loss: bool = True
     tiled_mlp: int | None = None  # tokens per MLP tile (recomputed in backward); None = plain MLP
     offload_activations: bool = False  # tensors saved for backward live in pinned CPU memory
+    tiled_layer: int | None = None  # tokens per tile for every token-wise part of a layer; None = off
     attention_kernel: str = "auto"  # auto | flash | cudnn | efficient | flash-attn | seqpar | torch
 
 

@@ -177,7 +177,8 @@ def setup(cfg) -> Trainer:
     model, hf_ds = load_model(cfg, ds_config, config)
     model = parallelize(model, mesh, attention=cfg.parallel.attention, layout=cfg.parallel.layout,
                         fused_rope=cfg.parallel.fused_rope, tiled_loss=cfg.parallel.tiled_loss,
-                        tiled_mlp=cfg.parallel.tiled_mlp, offload_activations=cfg.parallel.offload_activations)
+                        tiled_mlp=cfg.parallel.tiled_mlp, offload_activations=cfg.parallel.offload_activations,
+                        tiled_layer=cfg.parallel.tiled_layer)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)

@@ -98,6 +98,10 @@ def _check_numbers(cfg: RunConfig) -> None:
           d.upsample_long, "a number >= 0")
     _need(d.max_documents is None or _int_at_least(d.max_documents, 1), "data.max_documents",
           d.max_documents, "null or an integer >= 1")
+    for key in ("tiled_mlp", "tiled_layer"):
+        value = getattr(p, key)
+        _need(value is None or _int_at_least(value, 1), f"parallel.{key}", value,
+              "null or an integer >= 1 (tokens per tile)")
     _need(r.factor is None or (_is_num(r.factor) and r.factor >= 1), "rope.factor", r.factor,
           "null or a number >= 1")
     _need(r.rope_theta is None or (_is_num(r.rope_theta) and r.rope_theta > 0), "rope.rope_theta",
