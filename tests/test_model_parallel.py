@@ -28,13 +28,19 @@ from .distributed import run_distributed
 
 TOL = 1e-5
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+# Dynamic NTK from 8 positions: every test sequence (>= 16 tokens) is rescaled, while the
+# first contiguous shard alone (< 8 positions at SP 4) would not be.
+DYNAMIC = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
 
 
-def tiny_model(family: str, yarn: bool, seed: int = 0):
+def tiny_model(family: str, yarn, seed: int = 0):
+    """yarn: False (plain rope), True (YaRN) or "dynamic" (dynamic NTK from 8 positions)."""
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, head_dim=16, max_position_embeddings=64,
                   attention_dropout=0.0, tie_word_embeddings=False)
-    if yarn:
+    if yarn == "dynamic":
+        common.update(rope_parameters=dict(DYNAMIC), max_position_embeddings=8)
+    elif yarn:
         common["rope_parameters"] = dict(YARN)
     if family == "llama":
         config, cls = LlamaConfig(num_key_value_heads=1, **common), LlamaForCausalLM
@@ -97,6 +103,9 @@ def model_cases(world: int):
         cases.append((family, yarn, *algo))
     # Every algorithm on every family at least once, YaRN on the hybrid.
     cases += [(f, True, *a) for f, a in zip(families, algos[::-1])]
+    # Dynamic NTK scales by the global length: contiguous (rank 0's shard alone would not
+    # be rescaled) and zigzag, at every world size.
+    cases += [("llama", "dynamic", "ring", "contiguous", 1), ("qwen2", "dynamic", "ring", "zigzag", 1)]
     return cases
 
 
