@@ -9,9 +9,30 @@ import pytest
 
 from seqpar.cli import main as seqpar_main
 
-pytestmark = pytest.mark.extended  # trains 7 small models: minutes
+from seqpar.studies.report import checks
 
 
+def _row(method, factor, stage, ppl, passkey=((1.0,), (0.0,), (0.0,), (0.0,))):
+    return {"method": method, "factor": factor, "stage": stage, "ppl": list(ppl), "passkey": [list(a) for a in passkey]}
+
+
+def test_ordering_checks_read_the_measured_numbers():
+    """Each literature claim is judged on the right cells, and fails when they say so."""
+    good = {"base_length": 8, "lengths": [8, 16, 32, 64], "factors": [8], "rows": [
+        _row("none", None, "base", [10, 30, 90, 200]),
+        _row("linear", 8, "zero-shot", [14, 15, 16, 18]), _row("linear", 8, "cpt", [11, 10, 9, 9]),
+        _row("dynamic", 8, "zero-shot", [10, 12, 13, 14]), _row("yarn", 8, "zero-shot", [10, 11, 12, 13]),
+        _row("yarn", 8, "cpt", [10, 9, 8, 8])]}
+    got = checks(good)
+    assert [c["holds"] for c in got] == [True, True, True, True, True], got
+    bad = dict(good, rows=[dict(r) for r in good["rows"]])
+    bad["rows"][0]["ppl"] = [10, 9, 9, 9]   # no break past L
+    bad["rows"][3]["ppl"] = [10, 12, 13, 19]  # dynamic worse than PI at 8L
+    bad["rows"][5]["ppl"] = [10, 9, 8, 11]   # YaRN + CPT above the base at 8L
+    assert [c["holds"] for c in checks(bad)] == [False, True, False, True, False]
+
+
+@pytest.mark.extended  # trains 7 small models: minutes
 def test_study_fast_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
     assert seqpar_main(["study", "extend", "configs/studies/extend/study.yaml", "--fast", "--out", str(out)]) == 0

@@ -67,11 +67,11 @@ def checks(results: dict) -> list[dict]:
                             "measured": {f"{NAMES[m]}@{_fmt_len(target)}": zs["ppl"][t],
                                          f"PI@{_fmt_len(target)}": pi_zs["ppl"][t]}})
         yarn = _row(results, "yarn", factor, "cpt")
-        if yarn:
-            far = [n for n in lengths if 4 * L <= n <= target]
+        far = [n for n in lengths if 4 * L <= n <= target]
+        if yarn and far:
             out.append({"claim": f"x{factor}: YaRN + CPT reaches, at 4L-{_fmt_len(target)}, a perplexity at most "
                                  "the base model's at L",
-                        "holds": bool(far) and all(yarn["ppl"][i[n]] <= base_L for n in far),
+                        "holds": all(yarn["ppl"][i[n]] <= base_L for n in far),
                         "measured": {"base@L": base_L, **{f"YaRN CPT@{_fmt_len(n)}": yarn["ppl"][i[n]] for n in far}}})
     return out
 
