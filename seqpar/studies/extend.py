@@ -142,7 +142,8 @@ class Study:
                       "tensorboard": False}
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
-        env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHON=sys.executable,
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         t0 = time.time()
         self.log(f"train {name}: {run['train']['steps']} steps at {run['train']['seq_len']} tokens, "
                  f"SP={run['parallel']['sp_size']} ...")
@@ -215,7 +216,8 @@ class Study:
         d = cfg["data"]
         base_hf = self.train("base", self.base_run(self.corpus(f"pretrain_{L}", L, d["pretrain_retrieval_docs"],
                                                                   cfg["seed"])))
-        rows = [{"method": "none", "factor": None, "stage": "base", **self._short(self.evaluate("base", base_hf, None))}]
+        base = self._short(self.evaluate("base", base_hf, None))
+        rows = [{"method": "none", "factor": None, "stage": "base", **base}]
         for factor in cfg["factors"]:
             for method in cfg["methods"]:
                 if method == "none":
