@@ -208,35 +208,58 @@ class Study:
         return result
 
     # ------------------------------------------------------------------ the whole study
-    def run(self) -> dict:
-        from .report import write_report
+    def steps(self):
+        """(name, method, factor, stage) of every evaluated model, in the order they run."""
+        yield "base", "none", None, "base"
+        for stage, prefix in (("zero-shot", "zero_shot"), ("cpt", "cpt")):
+            for factor in self.cfg["factors"]:
+                for method in self.cfg["methods"]:
+                    if stage == "zero-shot" and method == "none":
+                        continue  # zero-shot 'none' is the base model itself
+                    yield f"{prefix}_{method}_x{factor}", method, factor, stage
 
+    def run(self) -> dict:
         cfg, L = self.cfg, self.L
         self.out.mkdir(parents=True, exist_ok=True)
         d = cfg["data"]
         base_hf = self.train("base", self.base_run(self.corpus(f"pretrain_{L}", L, d["pretrain_retrieval_docs"],
                                                                   cfg["seed"])))
-        base = self._short(self.evaluate("base", base_hf, None))
-        rows = [{"method": "none", "factor": None, "stage": "base", **base}]
-        for factor in cfg["factors"]:
-            for method in cfg["methods"]:
-                if method == "none":
-                    continue  # zero-shot 'none' is the base model itself
-                name = f"zero_shot_{method}_x{factor}"
-                rows.append({"method": method, "factor": factor, "stage": "zero-shot",
-                             **self._short(self.evaluate(name, base_hf, self.rope_section(method, factor, False)))})
-        for factor in cfg["factors"]:
-            corpus = self.corpus(f"cpt_{L * factor}", L * factor, d["cpt_retrieval_docs"], cfg["seed"] + factor)
-            for method in cfg["methods"]:
-                name = f"cpt_{method}_x{factor}"
-                hf = self.train(name, self.cpt_run(base_hf, corpus, method, factor))
-                rows.append({"method": method, "factor": factor, "stage": "cpt",
-                             **self._short(self.evaluate(name, hf, None))})
-        results = {"study": "extend", "base_length": L, "lengths": self.lengths, "factors": cfg["factors"],
-                   "methods": cfg["methods"], "settings": {k: v for k, v in cfg.items() if k != "fast"},
+        corpora = {}
+        for name, method, factor, stage in self.steps():
+            if stage == "base":
+                self.evaluate(name, base_hf, None)
+            elif stage == "zero-shot":
+                self.evaluate(name, base_hf, self.rope_section(method, factor, False))
+            else:
+                if factor not in corpora:
+                    corpora[factor] = self.corpus(f"cpt_{L * factor}", L * factor, d["cpt_retrieval_docs"],
+                                                  cfg["seed"] + factor)
+                self.evaluate(name, self.train(name, self.cpt_run(base_hf, corpora[factor], method, factor)), None)
+        return self.report()
+
+    def report(self, partial: bool = False) -> dict:
+        """results.json, table.md and study.png from the evaluations done so far (`partial`:
+        some may be missing, e.g. a study stopped early; they show as '-')."""
+        from .report import write_report
+
+        rows = []
+        for name, method, factor, stage in self.steps():
+            path = self.out / "evals" / f"{name}.json"
+            if path.exists():
+                rows.append({"method": method, "factor": factor, "stage": stage,
+                             **self._short(json.loads(path.read_text()))})
+            elif not partial:
+                raise SeqparError(f"the study has no evaluation {path}; run it (without --report-only) first.")
+        if not rows or rows[0]["stage"] != "base":
+            raise SeqparError(f"no base-model evaluation under {self.out / 'evals'}: nothing to report.")
+        done = len(rows) == sum(1 for _ in self.steps())
+        results = {"study": "extend", "complete": done, "base_length": self.L, "lengths": self.lengths,
+                   "factors": self.cfg["factors"], "methods": self.cfg["methods"],
+                   "settings": {k: v for k, v in self.cfg.items() if k != "fast"},
                    "elapsed_s": round(time.time() - self.start, 1), "rows": rows}
         paths = write_report(results, self.out)
-        self.log("wrote " + ", ".join(map(str, paths)))
+        self.log("wrote " + ", ".join(map(str, paths)) + ("" if done else f" ({len(rows)} of "
+                                                            f"{sum(1 for _ in self.steps())} evaluations: partial)"))
         return results
 
     @staticmethod
@@ -260,10 +283,14 @@ def add_study_commands(commands) -> None:
     ext.add_argument("config", help="study YAML (e.g. configs/studies/extend/study.yaml)")
     ext.add_argument("--fast", action="store_true", help="the config's reduced `fast:` settings (CI)")
     ext.add_argument("--out", help="output directory (default: the config's `out`)")
+    ext.add_argument("--report-only", action="store_true",
+                     help="only (re)write results.json, table.md and study.png from the evaluations already "
+                          "done (missing ones show as '-'), e.g. for a study stopped early")
     ext.set_defaults(func=_run_extend)
 
 
 def _run_extend(args) -> int:
     cfg = load_study(args.config, fast=args.fast, out=args.out)
-    Study(cfg, log=lambda m: print(m, flush=True)).run()
+    study = Study(cfg, log=lambda m: print(m, flush=True))
+    study.report(partial=True) if args.report_only else study.run()
     return 0
