@@ -10,6 +10,7 @@
     seqpar bench memory --model configs/models/bench_small.json --seq-len 2048,4096 --world-size 2
     seqpar eval ppl --model DIR --lengths 1k,2k,4k [--sp-size N] [--compare OTHER/ppl.json]
     seqpar eval passkey --model DIR --lengths 256,1k --depths 0,0.5,1
+    seqpar study extend configs/studies/extend/study.yaml [--fast]
 
 Invalid input (`seqpar.errors.SeqparError`) exits with status 2 and its message, which
 names the fix; a failed rank of a spawned run exits with status 1.
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.cli import add_eval_commands  # seqpar eval ppl | passkey (seqpar/eval/cli.py)
     add_eval_commands(commands)
+    from .studies.extend import add_study_commands  # seqpar study extend (seqpar/studies/extend.py)
+    add_study_commands(commands)
     from .plan.cli import add_plan_command  # seqpar plan (seqpar/plan/cli.py)
     add_plan_command(commands)
 

@@ -80,9 +80,11 @@ def test_sp_equals_single_process(tiny):
     ref_keys = evaluate_passkey(load_model(model_dir, dtype="float32"), tokenizer, [256], [0.0, 1.0], trials=2)
     ranks = run_distributed(_sp_worker, 2, model_dir, data, timeout=240)
 
-    for row in reference["lengths"]:  # every token but the last of each sequence is scored
-        assert row["sequences"] == 3 and row["tokens"] == 3 * (row["length"] - 1)
-        assert sum(b["tokens"] for b in row["buckets"]) == row["tokens"]
+    assert reference["stride"] == 32 and reference["sequence_length"] == 256
+    for row in reference["lengths"]:  # the last 32 tokens of each sequence, at every length
+        assert row["sequences"] == 3 and row["tokens"] == 3 * 32 and row["context"] == [row["length"] - 32,
+                                                                                         row["length"] - 1]
+        assert sum(b["tokens"] for b in row["buckets"]) == 3 * (row["length"] - 1)  # every window token
         assert [b["start"] for b in row["buckets"]] == [i * row["length"] // 4 for i in range(4)]
         assert math.isclose(row["ppl"], math.exp(row["nll"]))
     for got in ranks:
@@ -98,6 +100,46 @@ def test_sp_equals_single_process(tiny):
         assert [s["predicted"] for c in keys["cells"] for s in c["samples"]] == \
                [s["predicted"] for c in ref_keys["cells"] for s in c["samples"]]
     assert ref_keys["accuracy"] == [[0.0, 0.0]]  # a random model does not find the key
+
+
+class _ContextFree(nn.Module):
+    """A causal LM whose next-token distribution depends on the current token only."""
+
+    def __init__(self, vocab=260, hidden=16):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed, self.head = nn.Embedding(vocab, hidden), nn.Linear(hidden, vocab, bias=False)
+        self.decoder = lambda input_ids, **kw: (self.embed(input_ids),)
+
+    def get_decoder(self):
+        return self.decoder
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_same_tokens_scored_at_every_length(tiny):
+    """The scored tokens are one fixed set (context only grows with the length), so a model
+    that ignores context has exactly the same perplexity at every length."""
+    from seqpar.eval.perplexity import window_ends
+
+    total, ends = window_ends([64, 128, 256], stride=16, windows=3)
+    assert total == 256 + 2 * 16 and ends == [256, 272, 288]
+    for length in (64, 128, 256):  # windows [end - L, end) score [end - 16, end): the same positions
+        scored = {p for end in ends for p in range(end - length, end)[-16:]}
+        assert scored == set(range(288 - 48, 288))
+    root, data = tiny
+    result = evaluate_perplexity(_ContextFree(), ByteTokenizer(), data, [64, 128, 256], num_sequences=2,
+                                 stride=16, windows=3, buckets=4)
+    rows = result["lengths"]
+    assert [r["tokens"] for r in rows] == [2 * 3 * 16] * 3
+    assert max(r["nll"] for r in rows) - min(r["nll"] for r in rows) < 1e-9, [r["nll"] for r in rows]
+    real = evaluate_perplexity(load_model(str(root / "model"), dtype="float32"), ByteTokenizer(), data,
+                               [64, 128, 256], num_sequences=2, stride=16, windows=3, buckets=4)["lengths"]
+    assert len({round(r["nll"], 6) for r in real}) == 3  # a model that reads context: it differs
+    for bad in (dict(stride=64), dict(stride=0), dict(windows=0)):
+        with pytest.raises(SeqparError, match="stride|windows"):
+            evaluate_perplexity(_ContextFree(), ByteTokenizer(), data, [64, 128], **bad)
 
 
 def test_cli_ppl_writes_json_plot_and_compares(tiny, tmp_path, capsys):
@@ -120,7 +162,7 @@ def test_cli_ppl_writes_json_plot_and_compares(tiny, tmp_path, capsys):
         assert _close(row["nll"], ref["nll"])
     assert (tmp_path / "b" / "ppl.png").stat().st_size > 10_000
     table = capsys.readouterr().out
-    assert "| length | after ppl | before ppl |" in table and "| 128 |" in table
+    assert "| length | scored tokens | after ppl | before ppl |" in table and "| 128 | 64 |" in table
 
     # Only merging existing results (no --model).
     assert seqpar_main(["eval", "ppl", "--compare", str(tmp_path / "b"), "--compare", str(tmp_path / "a"),

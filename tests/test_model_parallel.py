@@ -28,13 +28,19 @@ from .distributed import run_distributed
 
 TOL = 1e-5
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+# Dynamic NTK from 8 positions: every test sequence (>= 16 tokens) is rescaled, while the
+# first contiguous shard alone (< 8 positions at SP 4) would not be.
+DYNAMIC = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
 
 
-def tiny_model(family: str, yarn: bool, seed: int = 0):
+def tiny_model(family: str, yarn, seed: int = 0):
+    """yarn: False (plain rope), True (YaRN) or "dynamic" (dynamic NTK from 8 positions)."""
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, head_dim=16, max_position_embeddings=64,
                   attention_dropout=0.0, tie_word_embeddings=False)
-    if yarn:
+    if yarn == "dynamic":
+        common.update(rope_parameters=dict(DYNAMIC), max_position_embeddings=8)
+    elif yarn:
         common["rope_parameters"] = dict(YARN)
     if family == "llama":
         config, cls = LlamaConfig(num_key_value_heads=1, **common), LlamaForCausalLM
@@ -59,12 +65,13 @@ def check_model(family, yarn, algorithm, layout, ulysses_size, seq_len, fused_ro
     world = dist.get_world_size()
     restore_rope()  # the reference runs transformers' own rotary code
     reference = tiny_model(family, yarn)
+    fresh = copy.deepcopy(reference)  # before the reference runs: dynamic rope caches its longest length
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     input_ids = torch.randint(0, reference.config.vocab_size, (2, seq_len), generator=gen)
     ref_loss = reference(input_ids=input_ids, labels=input_ids).loss
     ref_loss.backward()
 
-    model = parallelize(copy.deepcopy(reference), init_mesh(world, ulysses_size), attention=algorithm,
+    model = parallelize(fresh, init_mesh(world, ulysses_size), attention=algorithm,
                         layout=layout, fused_rope=fused_rope, tiled_loss=tiled_loss)
     model.zero_grad()
     mesh = model.seqpar_plan.mesh
@@ -97,6 +104,9 @@ def model_cases(world: int):
         cases.append((family, yarn, *algo))
     # Every algorithm on every family at least once, YaRN on the hybrid.
     cases += [(f, True, *a) for f, a in zip(families, algos[::-1])]
+    # Dynamic NTK scales by the global length: contiguous (rank 0's shard alone would not
+    # be rescaled) and zigzag, at every world size.
+    cases += [("llama", "dynamic", "ring", "contiguous", 1), ("qwen2", "dynamic", "ring", "zigzag", 1)]
     return cases
 
 

@@ -55,9 +55,10 @@ def add_eval_commands(commands) -> None:
     evals = ev.add_subparsers(dest="eval", metavar="EVAL")
     ppl = evals.add_parser(
         "ppl", help="perplexity at each length, and loss by position",
-        description="Perplexity at each evaluation length on packed text (plain positions, up to L tokens "
-                    "of context), with loss by position bucket; sequence-parallel for long lengths. "
-                    "Writes ppl.json and ppl.png (perplexity vs length, one line per model).")
+        description="Perplexity at each evaluation length on the SAME tokens (sliding windows of L tokens "
+                    "scoring their last --stride tokens, so each scored token sees L-stride..L-1 tokens of "
+                    "context), with loss by position bucket over whole windows; sequence-parallel for long "
+                    "lengths. Writes ppl.json and ppl.png (perplexity vs length, one line per model).")
     _common_args(ppl, model_required=False)
     ppl.add_argument("--data", action="append", metavar="SRC",
                      help="corpus source, repeatable: file, directory, glob, 'stdlib' or 'hf:NAME' (default stdlib)")
@@ -66,7 +67,12 @@ def add_eval_commands(commands) -> None:
     ppl.add_argument("--data-seed", type=int, default=0, help="document shuffle seed")
     ppl.add_argument("--cache-dir", default=".seqpar_cache", help="tokenized/packed data cache")
     ppl.add_argument("--num-sequences", type=int, default=8, help="sequences per length (default 8)")
-    ppl.add_argument("--buckets", type=int, default=8, help="position buckets per sequence (default 8)")
+    ppl.add_argument("--buckets", type=int, default=8, help="position buckets per window (default 8)")
+    ppl.add_argument("--stride", type=int, help="tokens scored per window, the same tokens at every length "
+                                                "(default: shortest length / 2)")
+    ppl.add_argument("--windows", type=int, default=1,
+                     help="windows per sequence, each `stride` further (default 1); scored tokens per length "
+                          "= num-sequences x windows x stride")
     ppl.add_argument("--compare", action="append", metavar="RESULT.json",
                      help="add another ppl.json (or its directory) to the table and plot; repeatable. "
                           "Without --model, only merges and plots the given results")
@@ -120,7 +126,8 @@ def ppl_job(opts: dict) -> dict:
 
     tokenizer, model, mesh = _setup(opts)
     return evaluate_perplexity(model, tokenizer, opts["data"], opts["lengths"], mesh=mesh,
-                               num_sequences=opts["num_sequences"], buckets=opts["buckets"], **_parallel_kw(opts))
+                               num_sequences=opts["num_sequences"], buckets=opts["buckets"],
+                               stride=opts["stride"], windows=opts["windows"], **_parallel_kw(opts))
 
 
 def passkey_job(opts: dict) -> dict:
@@ -243,7 +250,11 @@ def run_ppl_command(args) -> int:
         if any(n % multiple for n in opts["lengths"]):  # before any rank starts
             raise SeqparError(f"every --lengths value must be a multiple of {multiple} ({args.layout} layout over "
                               f"--sp-size {args.sp_size}); got {opts['lengths']}.")
-        opts.update(num_sequences=args.num_sequences, buckets=args.buckets,
+        from .perplexity import default_stride, window_ends
+
+        stride = args.stride or default_stride(opts["lengths"])
+        window_ends(opts["lengths"], stride, args.windows)  # bad stride/windows: fail before any rank starts
+        opts.update(num_sequences=args.num_sequences, buckets=args.buckets, stride=stride, windows=args.windows,
                     data={"sources": args.data or ["stdlib"], "max_documents": args.max_documents,
                           "text_field": args.text_field, "cache_dir": args.cache_dir, "seed": args.data_seed})
         result = _describe(launch(ppl_job, opts, args.sp_size), args, opts)
@@ -284,7 +295,7 @@ def run_evals(model_dir, eval_cfg: dict, *, mesh=None, log=_log) -> dict:
 
     `eval_cfg`: {"out": DIR, "label": str, "dtype": "auto", "attention": "ring",
     "layout": "zigzag", "ppl": {"lengths": "1k,4k", "data": {DataConfig fields} or a
-    DataConfig, "num_sequences": 8, "buckets": 8}, "passkey": {"lengths": "1k,4k",
+    DataConfig, "num_sequences": 8, "buckets": 8, "stride": None, "windows": 1}, "passkey": {"lengths": "1k,4k",
     "depths": [0, 0.5, 1], "trials": 5, "seed": 0}}; "ppl" / "passkey" may be left out.
     In a distributed job every rank calls it with the job's `mesh` (e.g. the trainer's:
     sequences are sharded as in training); rank 0 writes the JSON and PNG files.
@@ -307,7 +318,8 @@ def run_evals(model_dir, eval_cfg: dict, *, mesh=None, log=_log) -> dict:
         data = p["data"] if isinstance(p["data"], dict) else vars(p["data"])
         results["ppl"] = dict(evaluate_perplexity(model, tokenizer, data, parse_lengths(p["lengths"]),
                                                   num_sequences=p.get("num_sequences", 8),
-                                                  buckets=p.get("buckets", 8), **kw),
+                                                  buckets=p.get("buckets", 8), stride=p.get("stride"),
+                                                  windows=p.get("windows", 1), **kw),
                               label=label, model=str(Path(model_dir).resolve()), data=dict(data))
         if _is_writer():
             write_ppl(results["ppl"], out)

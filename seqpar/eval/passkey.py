@@ -38,6 +38,22 @@ QUESTION = " What is the pass key? The pass key is"
 ANSWER = " {key}"
 
 
+@dataclass(frozen=True)
+class PasskeyTemplate:
+    """The texts of a passkey prompt; the default is the usual one (Landmark attention,
+    LongLoRA, YaRN). A shorter one lets byte-level models be tested at short lengths."""
+
+    intro: str = INTRO
+    filler: str = FILLER
+    needle: str = NEEDLE  # with {key}
+    question: str = QUESTION
+    answer: str = ANSWER  # with {key}
+
+
+# Needle, question and answer only (~46 bytes): short lengths keep most of the context as filler.
+COMPACT = PasskeyTemplate(intro="", needle=" The pass key is {key}.", question=" The pass key is")
+
+
 @dataclass
 class PasskeyPrompt:
     input_ids: list  # exactly `length` token ids: prompt + answer
@@ -63,20 +79,21 @@ def random_key(seed, length: int, depth: float, trial: int) -> str:
     return str(random.Random(f"passkey:{seed}:{length}:{depth}:{trial}").randint(10000, 99999))
 
 
-def build_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:
+def build_prompt(tokenizer, length: int, depth: float, key: str,
+                 template: PasskeyTemplate = PasskeyTemplate()) -> PasskeyPrompt:
     """The passkey input of exactly `length` tokens with the needle at `depth` (0..1)."""
     if not 0.0 <= depth <= 1.0:
         raise SeqparError(f"depth {depth} must lie in [0, 1] (fraction of the context before the key).")
     bos = getattr(tokenizer, "bos_token_id", None)
-    head = ([bos] if bos is not None else []) + _encode(tokenizer, INTRO)
-    needle = _encode(tokenizer, NEEDLE.format(key=key))
-    tail = _encode(tokenizer, QUESTION)
-    answer = _encode(tokenizer, ANSWER.format(key=key))
+    head = ([bos] if bos is not None else []) + (_encode(tokenizer, template.intro) if template.intro else [])
+    needle = _encode(tokenizer, template.needle.format(key=key))
+    tail = _encode(tokenizer, template.question)
+    answer = _encode(tokenizer, template.answer.format(key=key))
     budget = length - len(head) - len(needle) - len(tail) - len(answer)
     if budget < 0:
         raise SeqparError(f"passkey length {length} is too short: the introduction, key and question "
                           f"alone take {length - budget} tokens with this tokenizer; use longer lengths.")
-    sentence = _encode(tokenizer, FILLER)
+    sentence = _encode(tokenizer, template.filler)
     filler = (sentence * (budget // len(sentence) + 1))[:budget]
     before = round(depth * budget)
     ids = head + filler[:before] + needle + filler[before:] + tail + answer
@@ -103,8 +120,8 @@ def predict_answer(lm: ShardedLM, prompt: PasskeyPrompt, pad_id: int) -> list:
 
 def evaluate_passkey(model, tokenizer, lengths, depths, *, trials: int = 5, seed: int = 0, mesh=None,
                      layout: str = "zigzag", attention: str = "ring", fused_rope: bool = False,
-                     log=None) -> dict:
-    """Passkey accuracy per (length, depth) over `trials` random keys.
+                     template: PasskeyTemplate = PasskeyTemplate(), log=None) -> dict:
+    """Passkey accuracy per (length, depth) over `trials` random keys (texts: `template`).
 
     Returns {"lengths", "depths", "trials", "accuracy": [[per depth] per length],
     "cells": [{"length", "depth", "accuracy", "correct", "samples": [{"key", "predicted",
@@ -117,7 +134,7 @@ def evaluate_passkey(model, tokenizer, lengths, depths, *, trials: int = 5, seed
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                    if i is not None), 0)
     jobs = [(n, d, t) for n in lengths for d in depths for t in range(trials)]
-    prompts = [build_prompt(tokenizer, n, d, random_key(seed, n, d, t)) for n, d, t in jobs]
+    prompts = [build_prompt(tokenizer, n, d, random_key(seed, n, d, t), template) for n, d, t in jobs]
     width = max(len(p.answer) for p in prompts)
     preds = torch.full((len(jobs), width), -1, dtype=torch.long)
     start = time.perf_counter()

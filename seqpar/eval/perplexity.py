@@ -1,22 +1,32 @@
-"""Perplexity by evaluation length, and loss by position within the sequence.
+"""Perplexity by evaluation length on the SAME tokens, and loss by position in the window.
 
-Evaluation sequences at length L: the corpus of `data_cfg` as the trainer packs it
-(documents shuffled by `data_cfg.seed`, each `[bos] + tokens + [eos]`, laid end to end)
-cut every L tokens, with PLAIN positions 0..L-1 (`cross_document_attention=True`, no
-up-sampling). So the model sees up to L tokens of context, across document boundaries
-as in the usual perplexity-vs-length protocol, and every token of a sequence is scored.
-The first `num_sequences` sequences are used; since the document order does not depend
-on L, a sequence at 2L holds the text of two sequences at L.
+Protocol (the sliding-window evaluation of the Position Interpolation and YaRN papers,
+restricted to one fixed set of scored tokens so rows are comparable):
 
-Reported per length: mean token NLL (natural log) and perplexity = exp(NLL) over all
-scored tokens, and the same per position bucket: bucket b holds the tokens whose index
-in the sequence (= number of tokens of context before them) is in
-[b*L/buckets, (b+1)*L/buckets). A model that uses far context has lower loss in later
-buckets; one that breaks past its trained length has higher.
+- Evaluation text: the corpus of `data_cfg` as the trainer packs it (documents shuffled
+  by `data_cfg.seed`, each `[bos] + tokens + [eos]`, laid end to end, positions plain)
+  cut into the first `num_sequences` sequences of T = max(lengths) + (windows - 1) *
+  stride tokens. T does not depend on the length being evaluated.
+- Scored tokens: the last `windows * stride` tokens of each sequence, the same at every
+  length.
+- At length L, window j (j = 0 .. windows-1) is the L tokens ending at
+  T - (windows-1-j) * stride; it scores its last `stride` tokens. So every scored token
+  is predicted from between L - stride and L - 1 tokens of context (plain positions
+  0..L-1 in the window, across document boundaries), and a longer L only adds context.
+  `stride` < min(lengths); the default is min(lengths) // 2.
+
+Reported per length: mean token NLL (natural log) and perplexity = exp(NLL) over the
+scored tokens, and `tokens` (their count: equal at every length). A model that ignores
+context gives the same perplexity at every length; one that uses far context gets
+lower perplexity at longer lengths; one that breaks past its trained length, higher.
+
+Loss by position: every token of every window, bucket b holding the tokens whose index
+in the window (= context before them) is in [b*L/buckets, (b+1)*L/buckets): does the
+model use far context, or does it break past a position?
 
 Under sequence parallelism each rank scores only its shard (`reduction="none"`), sorts
-its tokens into buckets by their global index, and one all-reduce of [loss sum, count]
-per bucket gives the same numbers as one process scoring the whole sequence.
+its tokens by their global index in the window, and one all-reduce of [loss sum, count]
+per bucket (and for the scored tokens) gives the numbers of one process.
 """
 
 from __future__ import annotations
@@ -31,10 +41,11 @@ from ..errors import SeqparError
 from .runner import ShardedLM, format_length
 
 IGNORE_INDEX = -100
+BATCH_TOKENS = 16384  # windows per forward pass (unsharded): at most this many tokens
 
 
 def eval_sequences(data_cfg, tokenizer, length: int, num_sequences: int) -> torch.Tensor:
-    """input_ids [n, length] (n <= num_sequences) of the evaluation stream at `length`."""
+    """input_ids [n, length] (n <= num_sequences): the evaluation stream cut every `length` tokens."""
     from ..data import build_packed_dataset
     from ..train.config import DataConfig
 
@@ -46,11 +57,28 @@ def eval_sequences(data_cfg, tokenizer, length: int, num_sequences: int) -> torc
     except SeqparError as err:
         if "fewer than one sequence" not in str(err):
             raise
-        raise SeqparError(f"the evaluation data has fewer than {length} tokens, one sequence at length "
-                          f"{format_length(length)}; add --data sources, raise --max-documents or drop "
-                          "that length.") from None
+        raise SeqparError(f"the evaluation data has fewer than {length} tokens, one evaluation sequence "
+                          f"({format_length(length)}); add --data sources, raise --max-documents or drop "
+                          "the longest length.") from None
     n = min(num_sequences, len(ds))
     return ds.get_batch(range(n))["input_ids"]
+
+
+def default_stride(lengths) -> int:
+    return max(1, min(lengths) // 2)
+
+
+def window_ends(lengths, stride: int, windows: int) -> tuple[int, list[int]]:
+    """(T, ends): the evaluation sequence length and the end index of each window (the
+    same at every length); window j at length L is [ends[j] - L, ends[j]) and scores the
+    tokens at positions [ends[j] - stride, ends[j]) of the sequence."""
+    if windows < 1:
+        raise SeqparError(f"windows must be >= 1; got {windows}.")
+    if not 1 <= stride < min(lengths):
+        raise SeqparError(f"stride {stride} must be at least 1 and below the shortest length {min(lengths)} "
+                          "(a window scores its last `stride` tokens from at least L - stride of context).")
+    total = max(lengths) + (windows - 1) * stride
+    return total, [total - (windows - 1 - j) * stride for j in range(windows)]
 
 
 def _summary(total: float, count: int) -> dict:
@@ -62,75 +90,93 @@ def _summary(total: float, count: int) -> dict:
     return {"nll": nll, "ppl": ppl, "tokens": int(count)}
 
 
-def bucket_totals(lm: ShardedLM, input_ids: torch.Tensor, buckets: int) -> torch.Tensor:
-    """float64 [2, buckets]: this rank's (loss sum, token count) per position bucket."""
-    seq_len = input_ids.shape[1]
-    hidden, labels, index = lm.run(input_ids)
+def window_totals(lm: ShardedLM, windows: torch.Tensor, buckets: int, stride: int) -> torch.Tensor:
+    """float64 [2, buckets + 1]: this rank's (loss sum, token count) per position bucket
+    over every token of the windows [b, L], and in the last column over the scored ones
+    (the last `stride` of each window)."""
+    length = windows.shape[1]
+    hidden, labels, index = lm.run(windows)
     losses = lm.token_losses(hidden, labels)
-    # Token t's label is token t + 1: bucket by the predicted token's index.
+    # Token t's label is token t + 1: bucket by the predicted token's index in the window.
     target = (index + 1).expand_as(labels)
     valid = labels != IGNORE_INDEX
-    bucket = (target[valid] * buckets) // seq_len
-    totals = torch.zeros(2, buckets, dtype=torch.float64, device=losses.device)
-    totals[0].index_add_(0, bucket, losses[valid].double())
-    totals[1].index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
-    return totals.cpu()
+    bucket = (target * buckets) // length
+    column = torch.where(valid, bucket, torch.full_like(bucket, buckets + 1))  # invalid -> dropped
+    totals = torch.zeros(2, buckets + 2, dtype=torch.float64, device=losses.device)
+    totals[0].index_add_(0, column.flatten(), losses.double().flatten())
+    totals[1].index_add_(0, column.flatten(), valid.double().flatten())
+    scored = valid & (target >= length - stride)
+    totals[0, buckets] = losses.double()[scored].sum()
+    totals[1, buckets] = scored.double().sum()
+    return totals[:, :buckets + 1].cpu()
 
 
 def evaluate_perplexity(model, tokenizer, data_cfg, lengths, *, mesh=None, layout: str = "zigzag",
                         attention: str = "ring", num_sequences: int = 8, buckets: int = 8,
-                        fused_rope: bool = False, log=None) -> dict:
-    """Mean token NLL and perplexity at each evaluation length, with loss by position bucket.
+                        stride: int | None = None, windows: int = 1, fused_rope: bool = False,
+                        log=None) -> dict:
+    """Perplexity of the same scored tokens at each evaluation length (see the module
+    docstring), with loss by position bucket over whole windows.
 
     `model`: a Hugging Face causal LM (parallelized here, once, when `mesh` has SP size >
     1; every rank of the mesh calls this with the same arguments). `data_cfg`: a seqpar
-    `DataConfig` (or its fields as a dict). `log(str)`: progress lines, rank 0 only.
-    Returns {"lengths": [{"length", "sequences", "nll", "ppl", "tokens", "buckets":
-    [{"start", "end", "nll", "ppl", "tokens"}, ...]}, ...], and the settings}.
+    `DataConfig` (or its fields as a dict). `stride`: tokens scored per window (default
+    min(lengths) // 2); `windows`: windows per sequence. `log(str)`: progress, rank 0.
+    Returns {"lengths": [{"length", "sequences", "nll", "ppl", "tokens", "context",
+    "buckets": [{"start", "end", "nll", "ppl", "tokens"}, ...]}, ...], and the settings}.
     """
     if buckets < 1:
         raise SeqparError(f"buckets must be >= 1; got {buckets}.")
     if num_sequences < 1:
         raise SeqparError(f"num_sequences must be >= 1; got {num_sequences}.")
+    lengths = sorted(int(n) for n in lengths)
+    stride = default_stride(lengths) if stride is None else int(stride)
+    total, ends = window_ends(lengths, stride, windows)
     lm = ShardedLM(model, mesh, attention=attention, layout=layout, fused_rope=fused_rope)
-    lengths = [int(n) for n in lengths]
     for length in lengths:
         if length % lm.multiple or length < buckets:
             raise SeqparError(f"evaluation length {length} must be a multiple of {lm.multiple} (layout "
                               f"{lm.layout} over {lm.sp_size} SP ranks) and at least buckets={buckets}.")
+    seqs = lm.rank0_first(lambda: eval_sequences(data_cfg, tokenizer, total, num_sequences))
     results = []
     for length in lengths:
         start = time.perf_counter()
-        seqs = lm.rank0_first(lambda: eval_sequences(data_cfg, tokenizer, length, num_sequences))
-        totals = torch.zeros(2, buckets, dtype=torch.float64)
-        for i in range(lm.dp_rank, len(seqs), lm.dp_size):
-            totals += bucket_totals(lm, seqs[i:i + 1], buckets)
+        wins = torch.stack([seqs[i, end - length:end] for i in range(len(seqs)) for end in ends])
+        per_batch = 1 if lm.sharded else max(1, BATCH_TOKENS // length)
+        batches = [wins[i:i + per_batch] for i in range(0, len(wins), per_batch)]
+        totals = torch.zeros(2, buckets + 1, dtype=torch.float64)
+        for i in range(lm.dp_rank, len(batches), lm.dp_size):
+            totals += window_totals(lm, batches[i], buckets, stride)
         totals = lm.all_reduce(totals)
-        row = {"length": length, "sequences": len(seqs),
-               **_summary(totals[0].sum().item(), int(totals[1].sum().item())), "buckets": []}
+        row = {"length": length, "sequences": len(seqs), "windows": len(wins),
+               **_summary(totals[0, buckets].item(), int(totals[1, buckets].item())),
+               "context": [length - stride, length - 1], "buckets": []}
         for b in range(buckets):
             row["buckets"].append({"start": -(-b * length // buckets), "end": -(-(b + 1) * length // buckets),
                                    **_summary(totals[0, b].item(), int(totals[1, b].item()))})
         results.append(row)
         if log is not None and lm.is_writer:
-            log(f"ppl @ {format_length(length)}: nll {row['nll']:.4f}  ppl {row['ppl']:.3f}  "
-                f"({row['sequences']} sequences, {row['tokens']} tokens, {time.perf_counter() - start:.1f} s)")
-    return {"eval": "ppl", "sp_size": lm.sp_size, "attention": lm.attention if lm.sharded else None,
-            "layout": lm.layout if lm.sharded else None, "num_sequences": num_sequences,
+            log(f"ppl @ {format_length(length)}: nll {row['nll']:.4f}  ppl {row['ppl']:.3f}  ({row['tokens']} "
+                f"scored tokens, context {length - stride}-{length - 1}, {len(wins)} windows, "
+                f"{time.perf_counter() - start:.1f} s)")
+    return {"eval": "ppl", "protocol": "same-tokens", "sp_size": lm.sp_size,
+            "attention": lm.attention if lm.sharded else None, "layout": lm.layout if lm.sharded else None,
+            "num_sequences": num_sequences, "sequence_length": total, "stride": stride, "windows": windows,
             "buckets": buckets, "lengths": results}
 
 
 def markdown(results: list[dict]) -> str:
-    """Perplexity per length, one column per result (label), then the first result's loss
-    by position bucket."""
+    """Perplexity per length (and the scored tokens), one column per result (label), then
+    the first result's loss by position bucket."""
     labels = [r.get("label") or f"run {i}" for i, r in enumerate(results)]
     lengths = sorted({row["length"] for r in results for row in r["lengths"]})
     by = [{row["length"]: row for row in r["lengths"]} for r in results]
-    lines = ["| length | " + " | ".join(f"{lab} ppl" for lab in labels) + " |",
-             "|---:|" + "---:|" * len(labels)]
+    lines = ["| length | scored tokens | " + " | ".join(f"{lab} ppl" for lab in labels) + " |",
+             "|---:|---:|" + "---:|" * len(labels)]
     for n in lengths:
         cells = [f"{b[n]['ppl']:.3f}" if n in b else "-" for b in by]
-        lines.append(f"| {format_length(n)} | " + " | ".join(cells) + " |")
+        tokens = "/".join(sorted({str(b[n]["tokens"]) for b in by if n in b}))
+        lines.append(f"| {format_length(n)} | {tokens} | " + " | ".join(cells) + " |")
     main = results[0]
     k = main["buckets"]
     lines += ["", f"{labels[0]}: mean NLL by position (bucket b = token positions [b*L/{k}, (b+1)*L/{k}))",

@@ -2,7 +2,8 @@
 
 Nothing of the modeling code is copied. We (1) register the seqpar attention function
 with transformers' AttentionInterface and select it, (2) optionally route the model's
-rotary embedding through the fused `seqpar.ops.apply_rope`, and (3) wrap `forward` so
+rotary embedding through the fused `seqpar.ops.apply_rope` (and make dynamic NTK
+rope scale by the global sequence length), and (3) wrap `forward` so
 that it passes the parallel plan and document ids down to attention and computes the
 loss sharded over the SP group (tiled, so [seq, vocab] logits never exist at once).
 """
@@ -18,6 +19,7 @@ from ..errors import SeqparError
 from ..parallel import LAYOUTS
 from .attention import (ALGORITHMS, ATTN_IMPLEMENTATION, SeqParallelPlan, check_model_heads,
                         register_attention)
+from .dynamic_rope import use_global_dynamic_rope
 from .loss import sharded_cross_entropy
 from .rope import use_fused_rope
 from .tiled_layer import use_tiled_layer
@@ -37,11 +39,6 @@ def _check_supported(model, algorithm: str, layout: str) -> None:
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise SeqparError(f"{type(model).__name__} transforms its logits ({name}="
                               f"{getattr(config, name)}), which seqpar's sharded loss does not support yet.")
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type")
-    if rope_type == "dynamic":
-        raise SeqparError("dynamic NTK RoPE rescales by the longest position a rank sees, which differs "
-                          "between sequence shards; extend with method 'yarn' or 'abf' (a fixed larger "
-                          "rope_theta) for sequence-parallel training.")
     if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
         raise SeqparError(f"{type(model).__name__} is not a causal LM with an LM head; pass an "
                           f"AutoModelForCausalLM model.")
@@ -71,6 +68,7 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if fused_rope:
         use_fused_rope(model)
+    use_global_dynamic_rope(model, mesh.sp_group)  # dynamic NTK: scale by the whole sequence's length
     if tiled_layer:
         use_tiled_layer(model, tiled_layer)
     elif tiled_mlp:

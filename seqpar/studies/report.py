@@ -1,0 +1,186 @@
+"""The extension study's outputs: results.json, table.md, study.png, and the literature's
+qualitative ordering checked point by point on the measured numbers (the checks only
+read the table; nothing is tuned to them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NAMES = {"none": "none", "linear": "PI (linear)", "dynamic": "dynamic NTK", "abf": "ABF", "yarn": "YaRN",
+         "llama3": "Llama-3"}
+
+
+def _fmt_len(n: int) -> str:
+    from ..eval.runner import format_length
+
+    return format_length(n)
+
+
+def _row(results, method, factor, stage):
+    for r in results["rows"]:
+        if r["stage"] == stage and r["method"] == method and (stage == "base" or r["factor"] == factor):
+            return r
+    return None
+
+
+def _zero_shot(results, method, factor):
+    return _row(results, "none", None, "base") if method == "none" else _row(results, method, factor, "zero-shot")
+
+
+def checks(results: dict) -> list[dict]:
+    """Each qualitative claim of the literature, with the numbers it was judged on."""
+    lengths, L = results["lengths"], results["base_length"]
+    base = _row(results, "none", None, "base")
+    i = {n: k for k, n in enumerate(lengths)}
+    base_L = base["ppl"][i[L]]
+    out = []
+
+    longer = [n for n in lengths if n > L]
+    out.append({"claim": "no scaling breaks past L: zero-shot perplexity rises above its value at L at every "
+                         "longer length",
+                "holds": all(base["ppl"][i[n]] > base_L for n in longer),
+                "measured": {f"none@{_fmt_len(n)}": base["ppl"][i[n]] for n in lengths}})
+    passkey = {f"none@{_fmt_len(n)}": sum(base["passkey"][i[n]]) / len(base["passkey"][i[n]]) for n in lengths}
+    out.append({"claim": "no scaling breaks past L: passkey accuracy at L is above every longer length's "
+                         "(only meaningful if the base model retrieves at L)",
+                "holds": all(passkey[f"none@{_fmt_len(L)}"] > passkey[f"none@{_fmt_len(n)}"] for n in longer),
+                "measured": passkey})
+    for factor in results["factors"]:
+        target = L * factor
+        if target not in i:
+            continue
+        t = i[target]
+        pi_zs, pi_cpt = _zero_shot(results, "linear", factor), _row(results, "linear", factor, "cpt")
+        if pi_zs and pi_cpt:
+            out.append({"claim": f"x{factor}: PI degrades zero-shot (ppl at L above the base's) and recovers "
+                                 f"after CPT (ppl at {_fmt_len(target)} below its zero-shot value)",
+                        "holds": pi_zs["ppl"][i[L]] > base_L and pi_cpt["ppl"][t] < pi_zs["ppl"][t],
+                        "measured": {"base@L": base_L, "PI zero-shot@L": pi_zs["ppl"][i[L]],
+                                     f"PI zero-shot@{_fmt_len(target)}": pi_zs["ppl"][t],
+                                     f"PI CPT@{_fmt_len(target)}": pi_cpt["ppl"][t]}})
+        for m in ("dynamic", "yarn"):
+            zs = _zero_shot(results, m, factor)
+            if zs and pi_zs:
+                out.append({"claim": f"x{factor}: {NAMES[m]} is better zero-shot than PI (ppl at "
+                                     f"{_fmt_len(target)})",
+                            "holds": zs["ppl"][t] < pi_zs["ppl"][t],
+                            "measured": {f"{NAMES[m]}@{_fmt_len(target)}": zs["ppl"][t],
+                                         f"PI@{_fmt_len(target)}": pi_zs["ppl"][t]}})
+        yarn = _row(results, "yarn", factor, "cpt")
+        far = [n for n in lengths if 4 * L <= n <= target]
+        if yarn and far:
+            out.append({"claim": f"x{factor}: YaRN + CPT reaches, at 4L-{_fmt_len(target)}, a perplexity at most "
+                                 "the base model's at L",
+                        "holds": all(yarn["ppl"][i[n]] <= base_L for n in far),
+                        "measured": {"base@L": base_L, **{f"YaRN CPT@{_fmt_len(n)}": yarn["ppl"][i[n]] for n in far}}})
+    return out
+
+
+def markdown(results: dict) -> str:
+    lengths = results["lengths"]
+    heads = " | ".join(_fmt_len(n) for n in lengths)
+    lines = [] if results.get("complete", True) else [
+        "**Partial**: the study was stopped before every model was evaluated; missing cells show '-'.", ""]
+    lines += [f"Perplexity on the same held-out tokens at each length (base model trained at "
+             f"L = {results['base_length']}); zero-shot -> after CPT at the target length.", "",
+             f"| method | factor | zero-shot {heads} | after CPT {heads} |",
+             "|---|--:|" + "--:|" * (2 * len(lengths))]
+    lines[-2] = "| method | factor | " + " | ".join(f"zero-shot {_fmt_len(n)}" for n in lengths) + " | " + \
+        " | ".join(f"CPT {_fmt_len(n)}" for n in lengths) + " |"
+    base = _row(results, "none", None, "base")
+    lines.append("| base (trained at L) | - | " + " | ".join(f"{p:.2f}" for p in base["ppl"]) + " |"
+                 + " - |" * len(lengths))
+    for factor in results["factors"]:
+        for m in results["methods"]:
+            zs, cpt = _zero_shot(results, m, factor), _row(results, m, factor, "cpt")
+            cells = [f"{p:.2f}" for p in zs["ppl"]] if zs else ["-"] * len(lengths)
+            cells += [f"{p:.2f}" for p in cpt["ppl"]] if cpt else ["-"] * len(lengths)
+            lines.append(f"| {NAMES[m]} | {factor} | " + " | ".join(cells) + " |")
+    tokens = base["scored_tokens"]
+    lines += ["", f"Scored tokens per length: {tokens[0]} (the same tokens at every length).", "",
+              "Passkey accuracy (mean over depths " + ", ".join(f"{d:g}" for d in base["passkey_depths"])
+              + f"; {base['passkey_trials']} keys per depth), zero-shot -> after CPT:", "",
+              "| method | factor | " + " | ".join(f"zero-shot {_fmt_len(n)}" for n in lengths) + " | "
+              + " | ".join(f"CPT {_fmt_len(n)}" for n in lengths) + " |",
+              "|---|--:|" + "--:|" * (2 * len(lengths))]
+
+    def acc(r):
+        return [f"{sum(a) / len(a):.2f}" for a in r["passkey"]] if r else ["-"] * len(lengths)
+
+    lines.append("| base (trained at L) | - | " + " | ".join(acc(base)) + " |" + " - |" * len(lengths))
+    for factor in results["factors"]:
+        for m in results["methods"]:
+            lines.append(f"| {NAMES[m]} | {factor} | " + " | ".join(acc(_zero_shot(results, m, factor))
+                                                                    + acc(_row(results, m, factor, "cpt"))) + " |")
+    lines += ["", "The literature's qualitative ordering, checked on these numbers:", ""]
+    for c in results.get("checks", []):
+        measured = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in c["measured"].items()
+                             if not isinstance(v, dict))
+        nested = "; ".join(f"{k}: " + ", ".join(f"{a} {b:.2f}" for a, b in v.items())
+                           for k, v in c["measured"].items() if isinstance(v, dict))
+        lines.append(f"- {'holds' if c['holds'] else 'DOES NOT hold'}: {c['claim']} ({measured or nested})")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths, factors, methods = results["lengths"], results["factors"], results["methods"]
+    colors = dict(zip(("none", "linear", "dynamic", "abf", "yarn", "llama3"), plt.cm.tab10.colors))
+    base = _row(results, "none", None, "base")
+    fig = plt.figure(figsize=(6 * len(factors), 10))
+    grid = fig.add_gridspec(2, len(factors), height_ratios=[1, 1.2])
+    for col, factor in enumerate(factors):
+        ax = fig.add_subplot(grid[0, col])
+        for m in methods:
+            zs, cpt = _zero_shot(results, m, factor), _row(results, m, factor, "cpt")
+            if zs:
+                ax.plot(lengths, zs["ppl"], "--", marker="o", color=colors[m], alpha=0.8)
+            if cpt:
+                ax.plot(lengths, cpt["ppl"], "-", marker="s", color=colors[m], label=NAMES[m])
+        ax.axhline(base["ppl"][0], color="grey", lw=0.8, ls=":", label="base @ L")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(lengths, [_fmt_len(n) for n in lengths])
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.set_ylabel("perplexity (same tokens at every length)")
+        ax.set_title(f"factor {factor} (CPT at {_fmt_len(results['base_length'] * factor)}): "
+                     "dashed zero-shot, solid after CPT")
+        ax.legend(fontsize=8)
+    ax = fig.add_subplot(grid[1, :])
+    labels, rows = ["base (none, zero-shot)"], [np.concatenate(base["passkey"])]
+    for factor in factors:
+        for m in methods:
+            for stage in ("zero-shot", "cpt"):
+                r = _zero_shot(results, m, factor) if stage == "zero-shot" else _row(results, m, factor, stage)
+                if r is None or (stage == "zero-shot" and m == "none"):
+                    continue
+                labels.append(f"{NAMES[m]} x{factor} {stage}")
+                rows.append(np.concatenate(r["passkey"]))
+    depths = base["passkey_depths"]
+    ax.imshow(np.array(rows), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(len(lengths) * len(depths)),
+                  [f"{_fmt_len(n)}\n{d:g}" if j == 0 else f"{d:g}" for n in lengths for j, d in enumerate(depths)],
+                  fontsize=6)
+    for k in range(1, len(lengths)):
+        ax.axvline(k * len(depths) - 0.5, color="white", lw=2)
+    ax.set_title("passkey accuracy: columns = length (first label) x needle depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out) -> tuple[Path, Path, Path]:
+    out = Path(out)
+    results["checks"] = checks(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(markdown(results) + "\n")
+    return out / "results.json", out / "table.md", plot(results, out / "study.png")
