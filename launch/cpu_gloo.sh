@@ -36,6 +36,8 @@ export CUDA_VISIBLE_DEVICES=""    # CPU ranks even on a GPU machine (gloo, fp32)
 rdzv=(--standalone)
 if [[ -n ${MASTER_PORT:-} ]]; then rdzv=(--rdzv-backend c10d --rdzv-endpoint "localhost:$MASTER_PORT"); fi
 
+# SIGTERM/SIGINT: checkpoint, then exit 0; the workers die with this script (supervise.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/supervise.sh"
 set -x
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$NPROC" \
+supervise "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$NPROC" \
     -m seqpar.cli train "$CONFIG" "$@"

@@ -52,16 +52,16 @@ class WriteRecorder:
         path = Path(path)
         self.files[path.relative_to(self.root).as_posix()] = {"size": path.stat().st_size, HASH: hash_file(path)}
 
-    def write(self, path: str | Path, write_fn, *args, **kwargs):
-        """Run `write_fn` (which writes `path`) and record the file, or record the error."""
+    def write(self, target: str | Path, write_fn, *args, **kwargs):
+        """Run `write_fn` (which writes `target`) and record the file, or record the error."""
         if self.error is not None:
             return None  # after one failure nothing else is written: the save is abandoned
         try:
             result = write_fn(*args, **kwargs)
-            self.record(path)
+            self.record(target)
             return result
         except Exception as e:  # noqa: BLE001 - raised together on every rank by the caller
-            self.error, self.error_path = e, str(path)
+            self.error, self.error_path = e, str(target)
             return None
 
     def _patch(self, obj, name: str, wrapper) -> None:
@@ -73,7 +73,12 @@ class WriteRecorder:
         if self.engine is None:
             return self
         ckpt_engine = self.engine.checkpoint_engine
-        self._patch(ckpt_engine, "save", lambda save: lambda state, path: self.write(path, save, state, path))
+        def saver(save):
+            def run(*args, **kwargs):  # save(state_dict, path), by position or keyword
+                path = kwargs["path"] if "path" in kwargs else args[1]
+                return self.write(path, save, *args, **kwargs)
+            return run
+        self._patch(ckpt_engine, "save", saver)
         if hasattr(self.engine, "_copy_recovery_script"):
             # DeepSpeed copies zero_to_fp32.py with shutil on rank 0, outside its engine.
             def recovery(copy):

@@ -106,3 +106,23 @@ def name_silent_ranks(grace_s: float = 10.0) -> list[int] | None:
         return silent
     except Exception:  # noqa: BLE001 - naming is best effort; the launcher still reports
         return None
+
+
+def exec_dying_with(parent_pid: int, argv: list[str]) -> None:
+    """Become `argv` (exec), killed by the kernel when `parent_pid` (a launch script)
+    dies. The death signal survives exec, so a launcher that is not seqpar's own code
+    (torchrun) dies with the script that started it, and its workers die with it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the script died before prctl took effect
+        _kill_self()
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":  # python -m seqpar.train.lifecycle PARENT_PID -- CMD ARGS...
+    import sys
+
+    args = sys.argv[1:]
+    if len(args) < 3 or args[1] != "--":
+        sys.exit("usage: python -m seqpar.train.lifecycle PARENT_PID -- CMD [ARGS...]")
+    exec_dying_with(int(args[0]), args[2:])
