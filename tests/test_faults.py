@@ -324,10 +324,21 @@ def test_stalled_peer_times_out_on_subgroups_too():
     assert "Timed out" in message, (took, message)
 
 
-def _rank_pid(launcher_pid: int, rank: int) -> int:
-    """The worker of torchrun (`launcher_pid`) whose environment says RANK=rank."""
-    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
-    for pid in map(int, children):
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def torchrun_pid(script_pid: int) -> int:
+    """cpu_gloo.sh runs torchrun as its child (launch/supervise.sh)."""
+    children = _children(script_pid)
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _rank_pid(script_pid: int, rank: int) -> int:
+    """The worker of torchrun (child of the launch script `script_pid`) whose environment says RANK=rank."""
+    children = _children(torchrun_pid(script_pid))
+    for pid in children:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         if f"RANK={rank}".encode() in environ:
             return pid
@@ -347,7 +358,7 @@ def test_killed_rank_fails_job_fast_and_resume_reproduces(straight):
             break
         seen += line
     assert f"step 4/{STEPS}" in seen, seen[-4000:]
-    victim = _rank_pid(proc.pid, 1)  # cpu_gloo.sh execs torchrun: proc.pid is torchrun
+    victim = _rank_pid(proc.pid, 1)
     os.kill(victim, signal.SIGKILL)  # mid-step: rank 0 is already in step 5
     out, _ = proc.communicate(timeout=300)  # a hang (30-minute default timeouts) fails here
     seen += out

@@ -313,7 +313,7 @@ class CheckpointManager:
         except SeqparError:
             raise
         except Exception as e:  # noqa: BLE001 - unpickling, DeepSpeed asserts, missing keys
-            first = (str(e).strip().splitlines() or [""])[0][:300]
+            first = (str(e).strip().splitlines() or [""])[0][:300].rstrip(".")
             raise SeqparError(f"checkpoint {path} could not be loaded: reading {reading['file']} failed with "
                               f"{type(e).__name__}: {first}. {self._fix(path)}") from None
         finally:
