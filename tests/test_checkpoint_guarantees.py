@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqpar.train.ckpt_integrity import HASH
 from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +176,7 @@ def test_checkpoint_guarantees_on_every_rank(tmp_path):
         assert "step_00000003 is intact" in out["disk_full"]
         assert not [n for n in out["after_disk_full"] if n.startswith(".tmp")], out["after_disk_full"]
         assert "step_00000004" not in out["after_disk_full"] and out["step3_ok"] is None
-        assert "state/shard_1.pt does not match its blake2b checksum" in out["bit_flip"], out["bit_flip"]
+        assert f"state/shard_1.pt does not match its {HASH} checksum" in out["bit_flip"], out["bit_flip"]
         assert "Resume from the previous checkpoint" in out["bit_flip"] and "step_00000002" in out["bit_flip"]
         assert "could not be loaded: reading" in out["load_error"] and "shard_1.pt" in out["load_error"]
         assert "step_00000002" in out["load_error"], out["load_error"]

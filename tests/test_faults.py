@@ -46,10 +46,11 @@ def overrides(tmp: Path, name: str, **extra) -> list[str]:
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
-def launch(tmp: Path, name: str, *extra_args: str, **extra) -> subprocess.Popen:
+def launch(tmp: Path, name: str, *extra_args: str, start_new_session: bool = False, **extra) -> subprocess.Popen:
     env = dict(os.environ, PYTHON=sys.executable)
     return subprocess.Popen(["bash", "launch/cpu_gloo.sh", CONFIG, *overrides(tmp, name, **extra), *extra_args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=start_new_session)
 
 
 def train_cli(tmp: Path, name: str, *extra_args: str, ok: bool = True, **extra) -> tuple[int, str]:

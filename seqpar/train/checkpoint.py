@@ -7,7 +7,7 @@ Layout under `root`:
         rank_00000.pt ...     per-rank state: data position, RNG states
         COMPLETE              JSON written last, before the rename: step, world size, the
                               run id and lineage, and the manifest: every file this save
-                              wrote, with its size and BLAKE2b digest (ckpt_integrity.py)
+                              wrote, with its size and digest (xxh3_128; ckpt_integrity.py)
     latest                    the newest step directory name (written atomically)
     .seqpar-lock              flock'd by the run that owns the directory (ckpt_lock.py)
     .tmp-<run id>-step_00000050/  a save in progress (or one that crashed: ignored, cleaned)

@@ -82,7 +82,7 @@ class CheckpointConfig:
     # A fresh run (no --resume) in a directory holding checkpoints refuses to start unless
     # this is true; then the old ones are moved aside to <dir>/replaced-<run id>/.
     overwrite: bool = False
-    verify: str = "full"  # at resume: full (re-hash every file: BLAKE2b) | size (sizes only)
+    verify: str = "full"  # at resume: full (re-hash every file, split over ranks) | size (sizes only)
 
 
 @dataclass
