@@ -216,6 +216,18 @@ def test_checks_before_init(tmp_path):
         check_free_space(tmp_path, 1 << 60)
 
 
+def test_transformers_config_errors_are_seqpar_errors(tmp_path):
+    from seqpar.errors import SeqparError
+    from seqpar.train.config_io import load_config
+    from seqpar.train.model_loader import model_config
+
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"model_type": "no-such-architecture", "hidden_size": 64}))
+    cfg = load_config("configs/tiny_cpu_demo.yaml", [f"model.config_file={bad}"])
+    with pytest.raises(SeqparError, match=f"the model config {bad} is not valid for transformers: ValueError"):
+        model_config(cfg)
+
+
 def test_dropping_metrics_of_steps_redone_after_resume(tmp_path):
     from seqpar.train.metrics import drop_records_after
 

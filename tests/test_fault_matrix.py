@@ -221,7 +221,8 @@ def small_tmpfs(tmp_path):
 
 def test_disk_full_at_save_is_named_and_cleaned_up(tmp_path, small_tmpfs):
     ckpt = small_tmpfs / "ckpt"
-    rc, out = train_cli(tmp_path, "full", ok=False, **{"checkpoint.dir": ckpt})
+    rc, out = train_cli(tmp_path, "full", "--resume", ok=False, **{"checkpoint.dir": ckpt})
+    assert f"--resume: no complete checkpoint under {ckpt} yet; starting at step 0" in out
     assert rc != 0
     lines = assert_on_every_rank(out, f"no space left on {small_tmpfs}: need ~", " GiB, have ",
                                  "GiB (writing ", f"the previous checkpoint {ckpt / 'step_00000003'} is intact")

@@ -292,6 +292,7 @@ def test_nonfinite_loss_stops_every_rank_naming_step_and_rank(tmp_path):
     results = run_distributed(_diverging_run, 2, str(tmp_path), timeout=120)
     for message, _took in results:
         assert message and message.startswith("non-finite loss at step 2 on rank(s) [0, 1]"), message
+        assert "no checkpoint exists yet: start again without --resume" in message  # not "--resume"
     assert not list((tmp_path / "diverge" / "ckpt").glob("step_*"))  # nothing non-finite was saved
 
 

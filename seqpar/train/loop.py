@@ -164,19 +164,6 @@ def _print_memory_plan(cfg, world: int, config) -> None:
     print(line, flush=True)
 
 
-def _model_config(cfg):
-    """transformers' own config errors (bad values, unknown model type) as a SeqparError."""
-    try:
-        return model_config(cfg)
-    except SeqparError:
-        raise
-    except (ValueError, KeyError, TypeError, OSError, AttributeError) as e:
-        source = cfg.model.config_file or cfg.model.name_or_path
-        first = (str(e).strip().splitlines() or [""])[0][:400]
-        raise SeqparError(f"the model config {source} is not valid for transformers: {type(e).__name__}: "
-                          f"{first}; fix model.config_file / model.name_or_path.") from None
-
-
 def _build_data(cfg, tokenizer):
     """Any data failure (not just seqpar's own checks) as one SeqparError, so it can be
     raised on every rank together instead of killing one rank mid-collective."""
@@ -206,7 +193,7 @@ def setup(cfg, resume: bool = False) -> Trainer:
     # The directory is this run's before anything is written into it.
     run_id = agree_run_id()
     acquire_together(cfg.checkpoint.dir, run_id)
-    config = raise_together(_model_config, cfg)
+    config = raise_together(model_config, cfg)
     raise_together(validate_config, cfg, world, model_config=config)
     checkpoint_bytes = estimate_checkpoint_bytes(cfg, config)
     checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, run_id=run_id,
