@@ -2,8 +2,8 @@
 
 setup: file-system checks -> distributed init -> validation -> checkpoint dir lock ->
 free space -> data -> mesh -> model (+RoPE extension) -> parallelize -> DeepSpeed engine
--> resume. Everything that can fail on bad input fails before the model is built. Each step: gradient_accumulation_steps micro
-batches, each the DP rank's sequences, sharded over SP by `shard_batch`; metrics; and
+-> resume: what can fail on bad input fails before the model is built. Each step:
+gradient_accumulation_steps micro batches, each the DP rank's sequences, sharded over SP by `shard_batch`; metrics; and
 checkpoints every N steps and at the end (then the optional Hugging Face export).
 """
 
@@ -203,12 +203,12 @@ def setup(cfg, resume: bool = False) -> Trainer:
     raise_together(check_free_space, cfg.checkpoint.dir, checkpoint_bytes)
     if dist.get_rank() == 0:
         _print_memory_plan(cfg, world, config)
+    seed_everything(cfg.train.seed)
     # Data before the model: a bad source fails in seconds, on every rank.
     tokenizer = raise_together(load_tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
     # Rank 0 tokenizes and packs first; the others then read its on-disk cache.
     dataset = raise_together(lambda: _build_data(cfg, tokenizer) if dist.get_rank() == 0 else None)
     dataset = raise_together(lambda: dataset if dist.get_rank() == 0 else _build_data(cfg, tokenizer))
-    seed_everything(cfg.train.seed)
     mesh = init_mesh(cfg.parallel.sp_size, cfg.parallel.ulysses_size)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     ds_config = deepspeed_config(cfg, mesh.dp_size, bf16)
