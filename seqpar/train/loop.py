@@ -3,8 +3,9 @@
 setup: file-system checks -> distributed init -> validation -> checkpoint dir lock ->
 free space -> data -> mesh -> model (+RoPE extension) -> parallelize -> DeepSpeed engine
 -> resume: what can fail on bad input fails before the model is built. Each step:
-gradient_accumulation_steps micro batches, each the DP rank's sequences, sharded over SP by `shard_batch`; metrics; and
-checkpoints every N steps and at the end (then the optional Hugging Face export).
+gradient_accumulation_steps micro batches, each the DP rank's sequences, sharded over SP
+by `shard_batch`; metrics; and checkpoints every N steps and at the end (then the
+optional Hugging Face export).
 """
 
 from __future__ import annotations
