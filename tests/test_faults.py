@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from seqpar.train.ckpt_integrity import hash_file
 from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,8 +91,9 @@ def test_manifest_records_every_file(straight):
     meta = json.loads((ckpt / "step_00000006" / "COMPLETE").read_text())
     files = meta["files"]
     assert {SHARD, MODEL, "rank_00000.pt", "rank_00001.pt"} <= set(files)
-    for rel, size in files.items():
-        assert (ckpt / "step_00000006" / rel).stat().st_size == size
+    for rel, entry in files.items():
+        assert (ckpt / "step_00000006" / rel).stat().st_size == entry["size"]
+        assert hash_file(ckpt / "step_00000006" / rel, meta["hash"]) == entry[meta["hash"]]
     assert not list(ckpt.glob(".tmp-*")) and not list(ckpt.glob(".old-*"))
 
 
