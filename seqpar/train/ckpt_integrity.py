@@ -135,10 +135,13 @@ def check_files(root: Path, files: dict, *, mode: str, rank: int, world_size: in
 
 
 def free_bytes(path: Path) -> tuple[Path, int]:
-    """(the nearest existing ancestor of `path`, bytes free on its file system)."""
+    """(the mount point of the file system `path` is, or would be, on; bytes free there)."""
+    import shutil
+
     path = Path(os.path.abspath(path))
     while not path.exists() and path != path.parent:
         path = path.parent
-    import shutil
-
-    return path, shutil.disk_usage(path).free
+    free = shutil.disk_usage(path).free
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path, free
