@@ -10,6 +10,10 @@ Runs N CPU processes with the gloo backend through torchrun on this machine, one
 thread each, GPUs hidden. Run it from the repository root: relative paths in the
 config resolve against the working directory.
 
+SIGTERM/SIGINT (Slurm, Ctrl-C) to this script, the workers or all of them: the
+workers finish the step, checkpoint, and the script exits 0 (continue with --resume).
+If this script dies, torchrun and the workers die with it (launch/supervise.sh).
+
 environment:
   NPROC        processes (default: the config's parallel.sp_size, after --set overrides)
   MASTER_PORT  rendezvous port (default: a free one, chosen by --standalone)

@@ -11,6 +11,10 @@ Trains on this node with one process per GPU: torchrun --standalone runs
 Run it from the repository root: relative paths in the config resolve against the
 working directory.
 
+SIGTERM/SIGINT (Slurm, Ctrl-C) to this script, the workers or all of them: the
+workers finish the step, checkpoint, and the script exits 0 (continue with --resume).
+If this script dies, torchrun and the workers die with it (launch/supervise.sh).
+
 environment:
   NPROC        processes (default: the number of visible GPUs)
   MASTER_PORT  rendezvous port (default: a free one, chosen by --standalone)
