@@ -82,7 +82,7 @@ def _errors(fn, *args, **kwargs):
     return None
 
 
-def _guarantees(tmp: str, locked_dir: str, holder_pid: int) -> dict:
+def _guarantees(tmp: str, locked_dir: str) -> dict:
     import torch.distributed as dist
 
     from seqpar.train.checkpoint import CheckpointManager
@@ -160,7 +160,7 @@ def test_checkpoint_guarantees_on_every_rank(tmp_path):
     locked = tmp_path / "locked"
     ckpt_lock.acquire(locked, "holder-run")  # another live run (this process) holds it
     try:
-        results = run_distributed(_guarantees, 2, str(tmp_path), str(locked), os.getpid(), timeout=240)
+        results = run_distributed(_guarantees, 2, str(tmp_path), str(locked), timeout=240)
     finally:
         ckpt_lock.release(locked)
     for rank, out in enumerate(results):
