@@ -10,6 +10,10 @@ Runs N CPU processes with the gloo backend through torchrun on this machine, one
 thread each, GPUs hidden. Run it from the repository root: relative paths in the
 config resolve against the working directory.
 
+SIGTERM/SIGINT (Slurm, Ctrl-C) to this script, the workers or all of them: the
+workers finish the step, checkpoint, and the script exits 0 (continue with --resume).
+If this script dies, torchrun and the workers die with it (launch/supervise.sh).
+
 environment:
   NPROC        processes (default: the config's parallel.sp_size, after --set overrides)
   MASTER_PORT  rendezvous port (default: a free one, chosen by --standalone)
@@ -36,6 +40,8 @@ export CUDA_VISIBLE_DEVICES=""    # CPU ranks even on a GPU machine (gloo, fp32)
 rdzv=(--standalone)
 if [[ -n ${MASTER_PORT:-} ]]; then rdzv=(--rdzv-backend c10d --rdzv-endpoint "localhost:$MASTER_PORT"); fi
 
+# SIGTERM/SIGINT: checkpoint, then exit 0; the workers die with this script (supervise.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/supervise.sh"
 set -x
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$NPROC" \
+supervise "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$NPROC" \
     -m seqpar.cli train "$CONFIG" "$@"

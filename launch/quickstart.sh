@@ -44,9 +44,10 @@ else
     LAUNCH=(bash launch/cpu_gloo.sh); DEVICE="CPU ranks (gloo)"
 fi
 
-STAGE1=(--set "checkpoint.dir=$OUT/stage1/checkpoints" --set "checkpoint.export_hf=$OUT/stage1/hf"
+# A rerun redoes the demo: earlier checkpoints in $OUT are moved aside, not resumed.
+STAGE1=(--set checkpoint.overwrite=true --set "checkpoint.dir=$OUT/stage1/checkpoints" --set "checkpoint.export_hf=$OUT/stage1/hf"
         --set "log.dir=$OUT/stage1/logs" --set "data.cache_dir=$OUT/cache")
-STAGE2=(--set "model.name_or_path=$OUT/stage1/hf" --set "model.tokenizer=$OUT/stage1/hf"
+STAGE2=(--set checkpoint.overwrite=true --set "model.name_or_path=$OUT/stage1/hf" --set "model.tokenizer=$OUT/stage1/hf"
         --set "checkpoint.dir=$OUT/stage2/checkpoints" --set "checkpoint.export_hf=$OUT/stage2/hf"
         --set "log.dir=$OUT/stage2/logs" --set "data.cache_dir=$OUT/cache")
 LENGTHS=128,256,512,1024

@@ -11,6 +11,10 @@ Trains on this node with one process per GPU: torchrun --standalone runs
 Run it from the repository root: relative paths in the config resolve against the
 working directory.
 
+SIGTERM/SIGINT (Slurm, Ctrl-C) to this script, the workers or all of them: the
+workers finish the step, checkpoint, and the script exits 0 (continue with --resume).
+If this script dies, torchrun and the workers die with it (launch/supervise.sh).
+
 environment:
   NPROC        processes (default: the number of visible GPUs)
   MASTER_PORT  rendezvous port (default: a free one, chosen by --standalone)
@@ -38,6 +42,8 @@ fi
 rdzv=(--standalone)
 if [[ -n ${MASTER_PORT:-} ]]; then rdzv=(--rdzv-backend c10d --rdzv-endpoint "localhost:$MASTER_PORT"); fi
 
+# SIGTERM/SIGINT: checkpoint, then exit 0; the workers die with this script (supervise.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/supervise.sh"
 set -x
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$NPROC" \
+supervise "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$NPROC" \
     -m seqpar.cli train "$CONFIG" "$@"

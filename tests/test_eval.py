@@ -174,6 +174,29 @@ def test_cli_ppl_writes_json_plot_and_compares(tiny, tmp_path, capsys):
                      "--data", data["sources"][0], "--cache-dir", data["cache_dir"], "--out", str(tmp_path / "d")])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--sp-size", "0"], "--sp-size must be at least 1, got 0"),
+    (["--sp-size", "-2"], "--sp-size must be at least 1, got -2"),
+    (["--sp-size", "4", "--ulysses-size", "3"], "--ulysses-size must be at least 1 and divide --sp-size 4"),
+    (["--model", "runs/no-such-export/hf"], "--model 'runs/no-such-export/hf' is not a model directory"),
+])
+def test_eval_cli_bad_input_is_named_before_any_rank_starts(args, message, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    argv = {"--model": str(model), "--lengths": "64"}
+    extra = []
+    for key, value in zip(args[::2], args[1::2]):
+        if key == "--model":
+            argv[key] = value
+        else:
+            extra += [key, value]
+    for command in ("ppl", "passkey"):
+        with pytest.raises(SystemExit) as exc:
+            seqpar_main(["eval", command] + [x for kv in argv.items() for x in kv] + extra)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, command
+
+
 def test_passkey_prompt_places_key_at_depth():
     tok = ByteTokenizer()
     starts = []

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from seqpar.train.ckpt_integrity import hash_file
 from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,10 +47,11 @@ def overrides(tmp: Path, name: str, **extra) -> list[str]:
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
-def launch(tmp: Path, name: str, *extra_args: str, **extra) -> subprocess.Popen:
+def launch(tmp: Path, name: str, *extra_args: str, start_new_session: bool = False, **extra) -> subprocess.Popen:
     env = dict(os.environ, PYTHON=sys.executable)
     return subprocess.Popen(["bash", "launch/cpu_gloo.sh", CONFIG, *overrides(tmp, name, **extra), *extra_args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=start_new_session)
 
 
 def train_cli(tmp: Path, name: str, *extra_args: str, ok: bool = True, **extra) -> tuple[int, str]:
@@ -89,8 +91,9 @@ def test_manifest_records_every_file(straight):
     meta = json.loads((ckpt / "step_00000006" / "COMPLETE").read_text())
     files = meta["files"]
     assert {SHARD, MODEL, "rank_00000.pt", "rank_00001.pt"} <= set(files)
-    for rel, size in files.items():
-        assert (ckpt / "step_00000006" / rel).stat().st_size == size
+    for rel, entry in files.items():
+        assert (ckpt / "step_00000006" / rel).stat().st_size == entry["size"]
+        assert hash_file(ckpt / "step_00000006" / rel, meta["hash"]) == entry[meta["hash"]]
     assert not list(ckpt.glob(".tmp-*")) and not list(ckpt.glob(".old-*"))
 
 
@@ -291,6 +294,7 @@ def test_nonfinite_loss_stops_every_rank_naming_step_and_rank(tmp_path):
     results = run_distributed(_diverging_run, 2, str(tmp_path), timeout=120)
     for message, _took in results:
         assert message and message.startswith("non-finite loss at step 2 on rank(s) [0, 1]"), message
+        assert "no checkpoint exists yet: start again without --resume" in message  # not "--resume"
     assert not list((tmp_path / "diverge" / "ckpt").glob("step_*"))  # nothing non-finite was saved
 
 
@@ -324,10 +328,21 @@ def test_stalled_peer_times_out_on_subgroups_too():
     assert "Timed out" in message, (took, message)
 
 
-def _rank_pid(launcher_pid: int, rank: int) -> int:
-    """The worker of torchrun (`launcher_pid`) whose environment says RANK=rank."""
-    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
-    for pid in map(int, children):
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def torchrun_pid(script_pid: int) -> int:
+    """cpu_gloo.sh runs torchrun as its child (launch/supervise.sh)."""
+    children = _children(script_pid)
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _rank_pid(script_pid: int, rank: int) -> int:
+    """The worker of torchrun (child of the launch script `script_pid`) whose environment says RANK=rank."""
+    children = _children(torchrun_pid(script_pid))
+    for pid in children:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         if f"RANK={rank}".encode() in environ:
             return pid
@@ -347,7 +362,7 @@ def test_killed_rank_fails_job_fast_and_resume_reproduces(straight):
             break
         seen += line
     assert f"step 4/{STEPS}" in seen, seen[-4000:]
-    victim = _rank_pid(proc.pid, 1)  # cpu_gloo.sh execs torchrun: proc.pid is torchrun
+    victim = _rank_pid(proc.pid, 1)
     os.kill(victim, signal.SIGKILL)  # mid-step: rank 0 is already in step 5
     out, _ = proc.communicate(timeout=300)  # a hang (30-minute default timeouts) fails here
     seen += out

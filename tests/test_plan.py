@@ -142,6 +142,9 @@ def test_plan_cli_prints_every_choice(capsys):
     (["--sp-size", "3"], "--sp-size 3 must divide --gpus 8"),
     (["--zero", "4"], "stages are 0, 1, 2, 3"),
     (["--model", "/nonexistent/config.json"], "cannot read a model config"),
+    (["--seq-len", "0"], "--seq-len must be at least 1 token"),
+    (["--gpu-mem", "0GiB"], "--gpu-mem must be more than 0 bytes"),
+    (["--seq-len", "7"], "no SP size fits"),
 ])
 def test_plan_cli_bad_input(args, message, capsys):
     argv = {"--model": SHAPE_8B, "--seq-len": "64k", "--gpus": "8"}
@@ -150,6 +153,13 @@ def test_plan_cli_bad_input(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["plan"] + [x for kv in argv.items() for x in kv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_plan_names_the_sp_sizes_it_leaves_out(capsys):
+    assert main(["plan", "--model", SHAPE_8B, "--seq-len", "20", "--gpus", "6", "--no-baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "note: SP sizes 3, 6 are not shown: they divide --gpus but not half of --seq-len 20" in out
+    assert "| seqpar SP=1 |" in out and "| seqpar SP=2 |" in out
 
 
 def test_parsers():

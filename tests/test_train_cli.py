@@ -113,8 +113,10 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
             break
         seen += line
     assert "step 2/500" in seen, seen[-3000:]
-    # cpu_gloo.sh execs torchrun, so proc.pid is torchrun; its children are the ranks.
-    subprocess.run(["pkill", "-TERM", "-P", str(proc.pid)], check=True)
+    # cpu_gloo.sh runs torchrun as its one child; torchrun's children are the ranks.
+    launcher = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(launcher) == 1, launcher
+    subprocess.run(["pkill", "-TERM", "-P", launcher[0]], check=True)
     out, _ = proc.communicate(timeout=300)
     seen += out
     assert proc.returncode == 0, seen[-3000:]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -213,9 +214,25 @@ def _options(args, lengths: list[int]) -> dict:
     elif any(v is not None for v in (args.rope_factor, args.rope_theta, args.rope_original_length,
                                      args.rope_target)):
         raise SeqparError("--rope-factor/--rope-theta/--rope-original-length/--rope-target need --rope-method.")
+    _check_run_args(args)
     return {"model": args.model, "tokenizer": args.tokenizer, "dtype": args.dtype, "lengths": lengths,
             "sp_size": args.sp_size, "ulysses_size": args.ulysses_size, "attention": args.attention,
             "layout": args.layout, "fused_rope": args.fused_rope, "rope": rope}
+
+
+def _check_run_args(args) -> None:
+    """Before any rank starts: sizes that make sense, and a model directory that exists
+    (nothing is downloaded, so a missing directory would only surface later as a
+    confusing tokenizer or Hub error)."""
+    if args.sp_size < 1:
+        raise SeqparError(f"--sp-size must be at least 1, got {args.sp_size}.")
+    if args.ulysses_size < 1 or args.sp_size % args.ulysses_size:
+        raise SeqparError(f"--ulysses-size must be at least 1 and divide --sp-size {args.sp_size}, "
+                          f"got {args.ulysses_size}.")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise SeqparError(f"--model {args.model!r} is not a model directory (no config.json there; relative "
+                          f"paths resolve against {os.getcwd()!r}); give the directory of a `seqpar train` "
+                          f"export (checkpoint.export_hf) or of save_pretrained.")
 
 
 def _label(args, rope) -> str:

@@ -184,6 +184,12 @@ def run_plan(args) -> int:
         raise SeqparError(f"--zero {args.zero}: stages are 0, 1, 2, 3.")
     if args.gpus < 1:
         raise SeqparError("--gpus must be at least 1.")
+    if args.seq_len < 1:
+        raise SeqparError(f"--seq-len must be at least 1 token, got {args.seq_len}; e.g. --seq-len 128k.")
+    if args.gpu_mem <= 0:
+        raise SeqparError(f"--gpu-mem must be more than 0 bytes, got {args.gpu_mem}; e.g. --gpu-mem 80GiB.")
+    if args.micro_batch < 1:
+        raise SeqparError(f"--micro-batch must be at least 1, got {args.micro_batch}.")
     if args.sp_size:
         sp_sizes = [int(s) for s in args.sp_size.split(",")]
         bad = [s for s in sp_sizes if args.gpus % s or args.seq_len % (2 * s)]
@@ -192,6 +198,15 @@ def run_plan(args) -> int:
                               f"--seq-len {args.seq_len} (zigzag layout).")
     else:
         sp_sizes = sp_choices(args.gpus, args.seq_len, shape.heads, args.attention)
+        dropped = [sp for sp in range(1, args.gpus + 1) if args.gpus % sp == 0 and sp not in sp_sizes]
+        if not sp_sizes:
+            raise SeqparError(f"no SP size fits: each must divide --gpus {args.gpus} and half of --seq-len "
+                              f"{args.seq_len} (zigzag){' and the heads (ulysses)' if args.attention == 'ulysses' else ''}; "
+                              f"use a --seq-len that is a multiple of {2 * args.gpus}.")
+        if dropped:
+            print(f"note: SP sizes {', '.join(map(str, dropped))} are not shown: they divide --gpus but not half "
+                  f"of --seq-len {args.seq_len} (zigzag){' or the heads' if args.attention == 'ulysses' else ''}.",
+                  flush=True)
     base = RunShape(seq_len=args.seq_len, world=args.gpus, attention=args.attention, dtype=args.dtype,
                     micro_batch=args.micro_batch, offload_optimizer=args.offload, offload_params=args.offload,
                     gradient_checkpointing=args.checkpointing, tiled_mlp=args.tiled_mlp or None,

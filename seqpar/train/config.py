@@ -81,6 +81,10 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 2
     export_hf: str | None = None  # directory for a save_pretrained export at the end
+    # A fresh run (no --resume) in a directory holding checkpoints refuses to start unless
+    # this is true; then the old ones are moved aside to <dir>/replaced-<run id>/.
+    overwrite: bool = False
+    verify: str = "full"  # at resume: full (re-hash every file, split over ranks) | size (sizes only)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """`seqpar train`: the continued-pretraining loop.
 
-setup: distributed init -> validation -> mesh -> model (+RoPE extension) -> parallelize
--> data -> DeepSpeed engine -> resume. Each step: gradient_accumulation_steps micro
-batches, each the DP rank's sequences, sharded over SP by `shard_batch`; metrics; and
-checkpoints every N steps and at the end (then the optional Hugging Face export).
+setup: file-system checks -> distributed init -> validation -> checkpoint dir lock ->
+free space -> data -> mesh -> model (+RoPE extension) -> parallelize -> DeepSpeed engine
+-> resume: what can fail on bad input fails before the model is built. Each step:
+gradient_accumulation_steps micro batches, each the DP rank's sequences, sharded over SP
+by `shard_batch`; metrics; and checkpoints every N steps and at the end (then the
+optional Hugging Face export).
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from ..errors import SeqparError
 from ..model import enable_checkpointing, parallelize, shard_batch
 from ..ops import set_attention_kernel
 from ..parallel import init_mesh
+from . import lifecycle
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .ckpt_lock import acquire_together, agree_run_id
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
 from .metrics import MetricsLogger, peak_memory_gib, peak_tflops, training_flops_per_token
 from .config_io import config_hash, dump_config
 from .model_loader import load_model, model_config, resolve_dtype
-from .safety import (GracefulStop, agree_on_run, batch_fingerprint, check_every_step, check_finite,
-                     config_fingerprint, raise_together, run_fingerprint)
+from .preflight import check_before_init, check_free_space, estimate_checkpoint_bytes
+from .safety import (RESUME_ADVICE, GracefulStop, agree_on_run, batch_fingerprint, check_every_step,
+                     check_finite, config_fingerprint, raise_together, run_fingerprint)
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
@@ -81,6 +86,11 @@ class Trainer:
     step: int = 0
     batch_checked: bool = False  # shard shapes/dtypes agreed on (once; every step with SEQPAR_CHECK_EVERY_STEP=1)
 
+    def resume_advice(self) -> str:
+        if self.checkpoints.latest() is None:
+            return "no checkpoint exists yet: start again without --resume once it is fixed"
+        return RESUME_ADVICE
+
     def train_step(self) -> dict:
         cfg = self.cfg
         start = time.perf_counter()
@@ -95,7 +105,7 @@ class Trainer:
                 self.batch_checked = True
             shard = {k: v.to(self.engine.device) for k, v in shard.items()}
             loss = self.engine(**shard).loss
-            check_finite(loss.detach(), self.step + 1)
+            check_finite(loss.detach(), self.step + 1, advice=self.resume_advice())
             self.engine.backward(loss * self.loss_scale)
             self.engine.step()
             losses.append(loss.detach().float())
@@ -107,7 +117,8 @@ class Trainer:
         tokens = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * self.mesh.dp_size
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
-            check_finite(torch.as_tensor(float(grad_norm)), self.step + 1, name="gradient norm")
+            check_finite(torch.as_tensor(float(grad_norm)), self.step + 1, name="gradient norm",
+                         advice=self.resume_advice())
         metrics = {"loss": mean_loss, "lr": self.engine.get_lr()[0],
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_mem_gib": peak_memory_gib()}
@@ -128,6 +139,9 @@ class Trainer:
         # Collective from here on: all ranks must take the same branch (and checkpoint).
         agree_on_run({"resume_from": latest.name if latest else None}, what="the checkpoint to resume from")
         if latest is None:
+            if dist.get_rank() == 0:
+                print(f"[seqpar] --resume: no complete checkpoint under {self.checkpoints.root} yet; "
+                      f"starting at step 0", flush=True)
             return False
         partial = self.checkpoints.incomplete_checkpoints()
         if partial and dist.get_rank() == 0:
@@ -152,25 +166,52 @@ def _print_memory_plan(cfg, world: int, config) -> None:
     print(line, flush=True)
 
 
-def setup(cfg) -> Trainer:
-    from ..data import BatchIterator, build_packed_dataset, load_tokenizer
+def _build_data(cfg, tokenizer):
+    """Any data failure (not just seqpar's own checks) as one SeqparError, so it can be
+    raised on every rank together instead of killing one rank mid-collective."""
+    from ..data import build_packed_dataset
+
+    try:
+        return build_packed_dataset(cfg.data, tokenizer, cfg.train.seq_len)
+    except SeqparError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [""])[0][:400]
+        raise SeqparError(f"preparing the data (data.sources={cfg.data.sources}) failed: {type(e).__name__}: "
+                          f"{first}; fix data.* in the config.") from None
+
+
+def setup(cfg, resume: bool = False) -> Trainer:
+    from ..data import BatchIterator, load_tokenizer
     from .validate import validate_config
 
-    timeout = cfg.train.dist_timeout_minutes
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise SeqparError(f"train.dist_timeout_minutes must be a positive number of minutes, got {timeout!r}.")
-    init_distributed(timeout)
+    check_before_init(cfg)  # timeout, directories writable: before any process group exists
+    init_distributed(cfg.train.dist_timeout_minutes)
     world = dist.get_world_size()
     # First collective: every rank must run the same config, or later collectives mismatch.
     agree_on_run({"world_size": world, **config_fingerprint(dump_config(cfg))}, what="the run config")
     # A problem seen by one rank only (e.g. a file missing on its node) stops every rank.
     raise_together(validate_config, cfg, world)  # files, sizes, names: before anything heavy
+    # The directory is this run's before anything is written into it.
+    run_id = agree_run_id()
+    acquire_together(cfg.checkpoint.dir, run_id)
     config = raise_together(model_config, cfg)
     raise_together(validate_config, cfg, world, model_config=config)
+    checkpoint_bytes = estimate_checkpoint_bytes(cfg, config)
+    checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, run_id=run_id,
+                                    verify=cfg.checkpoint.verify, expected_bytes=checkpoint_bytes)
+    if not resume:
+        checkpoints.check_fresh_start(cfg.checkpoint.overwrite)
+    raise_together(check_free_space, cfg.checkpoint.dir, checkpoint_bytes)
     if dist.get_rank() == 0:
         _print_memory_plan(cfg, world, config)
     seed_everything(cfg.train.seed)
     set_attention_kernel(cfg.parallel.attention_kernel)
+    # Data before the model: a bad source fails in seconds, on every rank.
+    tokenizer = raise_together(load_tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
+    # Rank 0 tokenizes and packs first; the others then read its on-disk cache.
+    dataset = raise_together(lambda: _build_data(cfg, tokenizer) if dist.get_rank() == 0 else None)
+    dataset = raise_together(lambda: dataset if dist.get_rank() == 0 else _build_data(cfg, tokenizer))
     mesh = init_mesh(cfg.parallel.sp_size, cfg.parallel.ulysses_size)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     ds_config = deepspeed_config(cfg, mesh.dp_size, bf16)
@@ -181,19 +222,12 @@ def setup(cfg) -> Trainer:
                         tiled_layer=cfg.parallel.tiled_layer)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    # Rank 0 tokenizes and packs first; the others then read its on-disk cache.
-    if dist.get_rank() == 0:
-        dataset = build_packed_dataset(cfg.data, tokenizer, cfg.train.seq_len)
-    dist.barrier()
-    if dist.get_rank() != 0:
-        dataset = build_packed_dataset(cfg.data, tokenizer, cfg.train.seq_len)
     batches = BatchIterator(dataset, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                             micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed)
     engine = initialize_engine(model, cfg, mesh, ds_config)
     agree_on_run(run_fingerprint(config_hash(cfg), model, mesh))
     return Trainer(cfg=cfg, mesh=mesh, model=model, engine=engine, batches=batches, tokenizer=tokenizer,
-                   checkpoints=CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last),
+                   checkpoints=checkpoints,
                    hf_deepspeed_config=hf_ds, zero3=zero_stage(ds_config) == 3,
                    loss_scale=sp_loss_scale(ds_config, mesh.sp_size))
 
@@ -206,11 +240,12 @@ def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict
     """
     from .export import export_hf
 
-    trainer = setup(cfg)
+    trainer = setup(cfg, resume=resume)
     rank0 = dist.get_rank() == 0
     if resume and trainer.resume() and rank0:
         print(f"[seqpar] resumed from {trainer.checkpoints.latest()} at step {trainer.step}", flush=True)
-    logger = MetricsLogger(cfg.log.dir, cfg.train.steps, enabled=rank0, tensorboard=cfg.log.tensorboard)
+    logger = MetricsLogger(cfg.log.dir, cfg.train.steps, enabled=rank0, tensorboard=cfg.log.tensorboard,
+                           start_step=trainer.step)
     history = []
     stop = GracefulStop()
     try:
@@ -227,10 +262,13 @@ def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict
                 if rank0:
                     print(f"[seqpar] stop requested (SIGTERM/SIGINT): checkpointing step {trainer.step} "
                           f"and exiting; continue with --resume", flush=True)
+                stop.stopped = True
                 break
         if not history or trainer.checkpoints.latest() is None or \
                 trainer.checkpoints.latest().name != CheckpointManager.step_name(trainer.step):
             trainer.save()
+        if stop.stopped and rank0:
+            lifecycle.report_stop(trainer.step, trainer.checkpoints.latest())
         if cfg.checkpoint.export_hf and trainer.step >= cfg.train.steps:
             export_hf(trainer.model, cfg.checkpoint.export_hf, trainer.tokenizer, zero3=trainer.zero3)
             if rank0:
@@ -241,9 +279,12 @@ def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict
             # timed out); say where this rank was and how to go on. The launcher's summary
             # (torchrun) names the rank that died first.
             first = (str(e).strip().splitlines() or [""])[0][:300]
+            silent = lifecycle.name_silent_ranks() if lifecycle.is_timeout(e) else None
+            who = (f"rank(s) {silent} stopped answering (hung or dead: they never reported this timeout)"
+                   if silent else "if a peer rank died or hung, this rank's collectives fail too; the "
+                   "launcher's summary names the rank that failed first")
             print(f"[seqpar] rank {dist.get_rank()} failed after step {trainer.step}: {type(e).__name__}: "
-                  f"{first}\n[seqpar] if a peer rank died or hung, this rank's collectives fail too; the "
-                  f"launcher's summary names the rank that failed first. Last complete checkpoint: "
+                  f"{first}\n[seqpar] {who}. Last complete checkpoint: "
                   f"{trainer.checkpoints.latest()}; continue with --resume.", file=sys.stderr, flush=True)
         raise
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,10 +52,31 @@ def peak_memory_gib() -> float:
     return float("nan")
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """A run resumed at `step` logs steps step+1.. again: drop the records of those steps
+    that the interrupted run logged after its last checkpoint, so every step appears once.
+    The file as it was is kept beside it (metrics.jsonl.before-step-N)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a line cut by a crash
+            pass
+    if len(keep) == len(lines):
+        return
+    os.replace(path, path.with_name(f"{path.name}.before-step-{step}"))
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 class MetricsLogger:
     """Rank 0 writes metrics.jsonl always, TensorBoard when installed, and a line per step."""
 
-    def __init__(self, log_dir: str, total_steps: int, enabled: bool, tensorboard: bool = True):
+    def __init__(self, log_dir: str, total_steps: int, enabled: bool, tensorboard: bool = True,
+                 start_step: int = 0):
         self.enabled = enabled
         self.total = total_steps
         self.start = time.time()
@@ -63,7 +85,9 @@ class MetricsLogger:
         if not enabled:
             return
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a")
+        path = Path(log_dir) / "metrics.jsonl"
+        drop_records_after(path, start_step)
+        self.jsonl = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

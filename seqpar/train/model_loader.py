@@ -8,6 +8,7 @@ import contextlib
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..errors import SeqparError
 from ..model.extend import extend_context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,8 +21,15 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def model_config(cfg):
-    """The transformers config of the run, with RoPE extended to train.seq_len if asked."""
-    config = AutoConfig.from_pretrained(cfg.model.config_file or cfg.model.name_or_path)  # dir, file or name
+    """The transformers config of the run, with RoPE extended to train.seq_len if asked.
+    transformers' own errors (bad values, unknown model type) become a SeqparError."""
+    source = cfg.model.config_file or cfg.model.name_or_path  # dir, file or name
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (ValueError, KeyError, TypeError, OSError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:400]
+        raise SeqparError(f"the model config {source} is not valid for transformers: {type(e).__name__}: "
+                          f"{first}; fix model.config_file / model.name_or_path.") from None
     rope = cfg.rope
     if rope.method and rope.method != "none":
         config = extend_context(config, cfg.train.seq_len, rope.method,

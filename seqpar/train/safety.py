@@ -89,8 +89,13 @@ def raise_together(fn, *args, **kwargs):
     return result
 
 
-def check_finite(value: torch.Tensor, step: int, group=None, name: str = "loss") -> None:
-    """Stop (on every rank) when any rank's `name` is NaN/inf, naming the step and ranks."""
+RESUME_ADVICE = "resume from the last checkpoint with --resume"
+
+
+def check_finite(value: torch.Tensor, step: int, group=None, name: str = "loss",
+                 advice: str = RESUME_ADVICE) -> None:
+    """Stop (on every rank) when any rank's `name` is NaN/inf, naming the step and ranks;
+    `advice` says how to go on (the loop says so when no checkpoint exists yet)."""
     value = torch.as_tensor(value)
     bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=value.device)
     flags = [torch.zeros_like(bad) for _ in range(dist.get_world_size(group))]
@@ -98,7 +103,7 @@ def check_finite(value: torch.Tensor, step: int, group=None, name: str = "loss")
     ranks = [r for r, f in enumerate(flags) if f.item()]
     if ranks:
         raise SeqparError(f"non-finite {name} at step {step} on rank(s) {ranks}; lower train.lr, enable "
-                          f"train.grad_clip, or check the data; resume from the last checkpoint with --resume.")
+                          f"train.grad_clip, or check the data; {advice}.")
 
 
 class GracefulStop:
@@ -106,6 +111,7 @@ class GracefulStop:
 
     def __init__(self):
         self.requested = False
+        self.stopped = False  # set by the loop once it acted on the request
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

@@ -62,7 +62,13 @@ def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None) -> N
     from .loop import init_distributed, train
     from .validate import validate_config
 
+    from .lifecycle import die_with_launcher
+    from .preflight import check_before_init
+
+    die_with_launcher()  # an orphaned worker must never go on training and writing checkpoints
     stages = stage_configs(cfg)
+    for stage in stages:  # before any process group exists: a bad timeout or directory fails here
+        check_before_init(stage)
     init_distributed(cfg.train.dist_timeout_minutes)
     validate_stages(stages, dist.get_world_size(), validate_config)
     for index, stage in enumerate(stages, start=1):

@@ -23,6 +23,7 @@ from ..errors import SeqparError
 from ..ops.registry import KERNEL_NAMES
 from ..parallel import LAYOUTS, check_layout, check_mesh_sizes
 from ..parallel.ulysses import kv_replication
+from .ckpt_integrity import VERIFY_MODES
 from .config import RunConfig
 
 # Same names as seqpar.model.attention.ALGORITHMS (a test keeps them equal); not imported
@@ -121,7 +122,7 @@ def _check_numbers(cfg: RunConfig) -> None:
     for key, value in {"model.gradient_checkpointing": m.gradient_checkpointing,
                        "data.cross_document_attention": d.cross_document_attention,
                        "parallel.fused_rope": p.fused_rope, "parallel.tiled_loss": p.tiled_loss,
-                       "log.tensorboard": lg.tensorboard}.items():
+                       "log.tensorboard": lg.tensorboard, "checkpoint.overwrite": c.overwrite}.items():
         _need(isinstance(value, bool), key, value, "true or false")
 
 
@@ -139,6 +140,7 @@ def _check_choices(cfg: RunConfig) -> None:
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     _choice("rope.method", _rope_method(cfg), ROPE_METHODS)
+    _choice("checkpoint.verify", cfg.checkpoint.verify, VERIFY_MODES)
 
 
 def _rope_method(cfg: RunConfig) -> str:
