@@ -9,6 +9,7 @@
     seqpar bench memory --model configs/models/bench_small.json --seq-len 2048,4096 --world-size 2
     seqpar eval ppl --model DIR --lengths 1k,2k,4k [--sp-size N] [--compare OTHER/ppl.json]
     seqpar eval passkey --model DIR --lengths 256,1k --depths 0,0.5,1
+    seqpar ckpt info|convert CHECKPOINT_DIR
 
 Invalid input (`seqpar.errors.SeqparError`) exits with status 2 and its message, which
 names the fix; a failed rank of a spawned run exits with status 1.
@@ -74,8 +75,10 @@ def _run_train(args) -> int:
     from .train.config_io import load_config
     from .train.stages import run_stages
 
+    from .train.elastic import stated_keys
+
     cfg = load_config(args.config, args.set or ())
-    run_stages(cfg, resume=args.resume, stop_after=args.stop_after)
+    run_stages(cfg, resume=args.resume, stop_after=args.stop_after, stated=stated_keys(args.set))
     return 0
 
 
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(commands)
     from .plan.cli import add_plan_command  # seqpar plan (seqpar/plan/cli.py)
     add_plan_command(commands)
+    from .train.ckpt_cli import add_ckpt_command  # seqpar ckpt info | convert (seqpar/train/ckpt_cli.py)
+    add_ckpt_command(commands)
 
     commands.add_parser(
         "build-ext", help="compile the seqpar ops (csrc/) now and say what was built",

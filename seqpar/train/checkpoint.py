@@ -134,7 +134,7 @@ class CheckpointManager:
         dist.barrier()
         return final
 
-    def verify(self, path: Path, world_size: int, rank: int) -> None:
+    def verify(self, path: Path, world_size: int | None, rank: int) -> None:
         """Raise SeqparError unless `path` is complete and every file it recorded is present
         with its recorded size (checks file metadata only: no file is opened)."""
         path = Path(path)
@@ -146,9 +146,11 @@ class CheckpointManager:
             meta = json.loads(marker.read_text())
         except (OSError, ValueError) as e:
             raise SeqparError(f"{marker} is unreadable ({e}); the checkpoint is damaged. {self._fix(path)}")
-        if meta.get("world_size") != world_size:
+        # world_size None: an elastic resume (seqpar.train.elastic) maps the ranks itself.
+        if world_size is not None and meta.get("world_size") != world_size:
             raise SeqparError(f"{path} was written by {meta.get('world_size')} ranks but this job has "
-                              f"{world_size}; resume with the same number of ranks.")
+                              f"{world_size}, and it records no layout to remap (it predates elastic "
+                              f"resume): resume with {meta.get('world_size')} ranks.")
         expected = dict(meta.get("files") or {})  # checkpoints from before the manifest: rank files only
         expected.setdefault(f"rank_{rank:05d}.pt", None)
         problems = []
