@@ -26,14 +26,21 @@ def cluster(what: str) -> dict:
     return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("["))
 
 
-@pytest.fixture(scope="session")
-def ssh_cluster() -> dict:
-    return cluster("ssh")
+def _cluster_fixture(what: str):
+    env = cluster(what)
+    yield env
+    if env.get("STARTED") == "1":  # leave daemons that were running before as they were
+        subprocess.run(["bash", str(SETUP), "stop", what], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> dict:
-    return cluster("slurm")
+def ssh_cluster():
+    yield from _cluster_fixture("ssh")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    yield from _cluster_fixture("slurm")
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@
 #   slurm  a one-host Slurm cluster: munged + slurmctld + slurmd, minimal slurm.conf.
 #
 #   bash tests/cluster/setup.sh ssh|slurm|all   set up (idempotent); prints KEY=VALUE lines
-#   bash tests/cluster/setup.sh stop            stop the daemons it started
+#   bash tests/cluster/setup.sh stop [ssh|slurm] stop sshd / slurmctld + slurmd (munged stays)
 #
 # Needs root on Debian/Ubuntu with apt reachable: missing packages (openssh-server, pdsh,
 # slurm-wlm, munge) are installed with apt-get. When something is missing and cannot be
@@ -18,6 +18,7 @@
 # Printed for the caller (tests/cluster/conftest.py reads them):
 #   PATH_PREPEND=STATE/bin   HOSTFILE=STATE/hostfile   HOSTS=localhost,127.0.0.2
 #   SLURM_CONF=STATE/slurm/slurm.conf   SLURM_CPUS=N
+#   STARTED=1 when this call started the daemons (the caller may stop them when done)
 set -euo pipefail
 
 STATE=${SEQPAR_CLUSTER_DIR:-/tmp/seqpar-cluster}
@@ -97,7 +98,9 @@ EOF
     printf '#!/bin/sh\nexec /usr/bin/ssh -F %s "$@"\n' "$d/config" > "$STATE/bin/ssh"
     chmod +x "$STATE/bin/ssh"
     /usr/sbin/sshd -t -f "$d/sshd_config" || skip "sshd rejects its test configuration"
+    local started=0
     if ! pid_alive "$d/sshd.pid"; then
+        started=1
         log "starting sshd on 127.0.0.1:$SSH_PORT and 127.0.0.2:$SSH_PORT"
         /usr/sbin/sshd -f "$d/sshd_config" -E "$d/sshd.log" || skip "sshd did not start (see $d/sshd.log)"
     fi
@@ -108,6 +111,7 @@ EOF
     echo "PATH_PREPEND=$STATE/bin"
     echo "HOSTFILE=$STATE/hostfile"
     echo "HOSTS=localhost,127.0.0.2"
+    echo "STARTED=$started"
 }
 
 setup_slurm() {
@@ -160,11 +164,14 @@ NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
     export SLURM_CONF=$d/slurm.conf
+    local started=0
     if ! pid_alive "$d/slurmctld.pid"; then
+        started=1
         log "starting slurmctld"
         /usr/sbin/slurmctld -f "$SLURM_CONF" >&2 2>&1 || skip "slurmctld did not start (see $d/log/slurmctld.log)"
     fi
     if ! pid_alive "$d/slurmd.pid"; then
+        started=1
         log "starting slurmd"
         /usr/sbin/slurmd -f "$SLURM_CONF" >&2 2>&1 || skip "slurmd did not start (see $d/log/slurmd.log)"
     fi
@@ -172,11 +179,14 @@ EOF
         skip "the Slurm node did not become idle: $(sinfo -h -N -o '%N %T %E' 2>&1 | head -1) (see $d/log)"
     echo "SLURM_CONF=$SLURM_CONF"
     echo "SLURM_CPUS=$cpus"
+    echo "STARTED=$started"
 }
 
-stop_all() {
-    local pidfile
-    for pidfile in "$STATE/slurm/slurmd.pid" "$STATE/slurm/slurmctld.pid" "$STATE/ssh/sshd.pid"; do
+stop() {  # stop ssh|slurm|all
+    local pidfile pidfiles=()
+    [[ $1 == ssh || $1 == all ]] && pidfiles+=("$STATE/ssh/sshd.pid")
+    [[ $1 == slurm || $1 == all ]] && pidfiles+=("$STATE/slurm/slurmd.pid" "$STATE/slurm/slurmctld.pid")
+    for pidfile in "${pidfiles[@]}"; do
         if pid_alive "$pidfile"; then kill "$(cat "$pidfile")" && log "stopped $(basename "$pidfile" .pid)"; fi
     done
 }
@@ -185,7 +195,7 @@ case $WHAT in
     ssh) setup_ssh ;;
     slurm) setup_slurm ;;
     all) setup_ssh; setup_slurm ;;
-    stop) stop_all ;;
+    stop) stop "${2:-all}" ;;
     -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) echo "usage: $0 ssh|slurm|all|stop" >&2; exit 2 ;;
 esac

@@ -168,11 +168,11 @@ def test_slurm_requeue_resumes_bitwise(slurm_cluster, reference, work):
     job = sbatch(run, work, env, options=["--requeue"])
     wait_for_text(run / f"job-{job}.out", "step 3/8")
     subprocess.run(["scontrol", "requeue", job], env=env, check=True)
-    # Slurm delays a requeued job's start (BeginTime); let it start as soon as it is pending.
+    # Slurm holds a requeued job ~2 min (reason BeginTime); let it start as soon as it is pending.
     deadline = time.time() + 300
     while job_field(job, env, "JobState") != "PENDING" and time.time() < deadline:
         time.sleep(1)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"], env=env, check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     assert wait_job(job, env) == "COMPLETED", (run / f"job-{job}.out").read_text()[-4000:]
     assert job_field(job, env, "Restarts") == "1"
     out = (run / f"job-{job}.out").read_text()  # the requeued run's output
@@ -212,6 +212,11 @@ def test_mpirun_two_hosts(ssh_cluster, reference, work):
     env = cpu_env(NP="4", MASTER_PORT=str(free_port()), MPIRUN=str(mpirun),
                   MPIRUN_ARGS=f"-hosts {ssh_cluster['HOSTS']} -ppn 2 -launcher ssh")
     env["PATH"] = f"{ssh_cluster['PATH_PREPEND']}:{env['PATH']}"
+    # Hydra forks the ranks of the local host and starts the other host's over ssh.
+    where = check(subprocess.run([str(mpirun), "-np", "4", "-hosts", ssh_cluster["HOSTS"], "-ppn", "2", "-launcher",
+                                  "ssh", "sh", "-c", 'echo "rank $PMI_RANK ssh=[$SSH_CONNECTION]"'],
+                                 env=env, capture_output=True, text=True, timeout=120))
+    assert sum(" 127.0.0.2 " in line for line in where.splitlines() if "ssh=[" in line) == 2, where
     out = check(subprocess.run(["bash", "launch/mpirun.sh", CONFIG, *overrides(run, work)], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=900))
     assert "[seqpar] done: step 8" in out
