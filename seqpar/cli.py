@@ -73,9 +73,8 @@ def _run_bench_attention(args) -> int:
 
 def _run_train(args) -> int:
     from .train.config_io import load_config
-    from .train.stages import run_stages
-
     from .train.elastic import stated_keys
+    from .train.stages import run_stages
 
     cfg = load_config(args.config, args.set or ())
     run_stages(cfg, resume=args.resume, stop_after=args.stop_after, stated=stated_keys(args.set))
