@@ -89,11 +89,13 @@ def rank_file(step_dir: Path, rank: int) -> Path:
 
 
 def saved_layout(step_dir: Path) -> Layout | None:
-    """The layout recorded in a checkpoint; None for checkpoints written before it was."""
+    """The layout recorded in a checkpoint; None for checkpoints written before it was,
+    or when the rank file cannot be read (the checkpoint manager's verification then
+    reports the damage and names the checkpoint to use instead)."""
     try:
         state = torch.load(rank_file(step_dir, 0), weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise SeqparError(f"cannot read {rank_file(step_dir, 0)} ({err}); the checkpoint is damaged.") from None
+    except Exception:  # noqa: BLE001 - damaged or missing: CheckpointManager.verify explains
+        return None
     layout = state.get("layout") if isinstance(state, dict) else None
     return Layout(**layout) if layout else None
 
