@@ -11,6 +11,7 @@
     seqpar eval ppl --model DIR --lengths 1k,2k,4k [--sp-size N] [--compare OTHER/ppl.json]
     seqpar eval passkey --model DIR --lengths 256,1k --depths 0,0.5,1
     seqpar study extend configs/studies/extend/study.yaml [--fast]
+    seqpar ckpt info|convert CHECKPOINT_DIR
 
 Invalid input (`seqpar.errors.SeqparError`) exits with status 2 and its message, which
 names the fix; a failed rank of a spawned run exits with status 1.
@@ -78,10 +79,11 @@ def _run_bench_attention(args) -> int:
 
 def _run_train(args) -> int:
     from .train.config_io import load_config
+    from .train.elastic import stated_keys
     from .train.stages import run_stages
 
     cfg = load_config(args.config, args.set or ())
-    run_stages(cfg, resume=args.resume, stop_after=args.stop_after)
+    run_stages(cfg, resume=args.resume, stop_after=args.stop_after, stated=stated_keys(args.set))
     return 0
 
 
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_commands(commands)
     from .plan.cli import add_plan_command  # seqpar plan (seqpar/plan/cli.py)
     add_plan_command(commands)
+    from .train.ckpt_cli import add_ckpt_command  # seqpar ckpt info | convert (seqpar/train/ckpt_cli.py)
+    add_ckpt_command(commands)
 
     from .bench.doctor import add_parser as add_doctor  # seqpar/bench/doctor.py
     add_doctor(commands)

@@ -261,10 +261,12 @@ class CheckpointManager:
 
     # --- loading ------------------------------------------------------------------------
 
-    def verify(self, path: Path, world_size: int, rank: int) -> None:
+    def verify(self, path: Path, world_size: int | None, rank: int) -> None:
         """Raise SeqparError unless `path` is complete and every file its save wrote is
         present with its size and (checkpoint.verify: full) its checksum. In full mode the
-        files are re-hashed once in the whole job, split over the ranks."""
+        files are re-hashed once in the whole job, split over the ranks. world_size None:
+        an elastic resume (seqpar.train.elastic) checks saved rank `rank`'s files and maps
+        the ranks itself."""
         path = Path(path)
         marker = path / COMPLETE
         if not marker.is_file():
@@ -274,12 +276,15 @@ class CheckpointManager:
             meta = json.loads(marker.read_text())
         except (OSError, ValueError) as e:
             raise SeqparError(f"{marker} is unreadable ({e}); the checkpoint is damaged. {self._fix(path)}")
-        if meta.get("world_size") != world_size:
+        if world_size is not None and meta.get("world_size") != world_size:
             raise SeqparError(f"{path} was written by {meta.get('world_size')} ranks but this job has "
-                              f"{world_size}; resume with the same number of ranks.")
+                              f"{world_size}, and it records no layout to remap (it predates elastic "
+                              f"resume): resume with {meta.get('world_size')} ranks.")
         expected = dict(meta.get("files") or {})  # checkpoints from before the manifest: rank files only
         expected.setdefault(f"rank_{rank:05d}.pt", None)
-        problems = check_files(path, expected, mode=self.verify_mode, rank=rank, world_size=world_size)
+        # The re-hashing is split over this job's ranks (on an elastic resume, not the saved ones).
+        job_rank, job_world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        problems = check_files(path, expected, mode=self.verify_mode, rank=job_rank, world_size=job_world)
         if problems:
             raise SeqparError(f"checkpoint {path} is damaged: {'; '.join(problems)}. {self._fix(path)}")
 

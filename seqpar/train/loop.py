@@ -25,7 +25,7 @@ from ..errors import SeqparError
 from ..model import enable_checkpointing, parallelize, shard_batch
 from ..ops import set_attention_kernel
 from ..parallel import init_mesh
-from . import lifecycle
+from . import elastic, lifecycle
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .ckpt_lock import acquire_together, agree_run_id
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
@@ -85,6 +85,7 @@ class Trainer:
     loss_scale: float = 1.0  # see engine.sp_loss_scale
     step: int = 0
     batch_checked: bool = False  # shard shapes/dtypes agreed on (once; every step with SEQPAR_CHECK_EVERY_STEP=1)
+    resume_plan: object = None  # elastic.ResumePlan when resuming on another layout
 
     def resume_advice(self) -> str:
         if self.checkpoints.latest() is None:
@@ -132,7 +133,8 @@ class Trainer:
 
     def save(self) -> None:
         self.checkpoints.save(self.engine, self.step, client_state={"step": self.step},
-                              rank_state={"data": self.batches.state_dict(), "rng": rng_state()})
+                              rank_state={"data": self.batches.state_dict(), "rng": rng_state(),
+                                          "layout": elastic.layout_state(self.cfg, dist.get_world_size())})
 
     def resume(self) -> bool:
         latest = self.checkpoints.latest()
@@ -147,7 +149,11 @@ class Trainer:
         if partial and dist.get_rank() == 0:
             print(f"[seqpar] ignoring incomplete checkpoint(s) from an interrupted save: "
                   f"{', '.join(p.name for p in partial)}", flush=True)
-        client, rank_state = self.checkpoints.load(self.engine)
+        plan = self.resume_plan
+        if plan is not None and plan.changed and plan.checkpoint == latest:
+            client, rank_state = elastic.load(self.engine, plan, self.checkpoints, len(self.batches.dataset))
+        else:
+            client, rank_state = self.checkpoints.load(self.engine)
         self.step = int(client["step"])
         self.batches.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
@@ -181,7 +187,7 @@ def _build_data(cfg, tokenizer):
                           f"{first}; fix data.* in the config.") from None
 
 
-def setup(cfg, resume: bool = False) -> Trainer:
+def setup(cfg, resume: bool = False, stated=frozenset()) -> Trainer:
     from ..data import BatchIterator, load_tokenizer
     from .validate import validate_config
 
@@ -190,6 +196,13 @@ def setup(cfg, resume: bool = False) -> Trainer:
     world = dist.get_world_size()
     # First collective: every rank must run the same config, or later collectives mismatch.
     agree_on_run({"world_size": world, **config_fingerprint(dump_config(cfg))}, what="the run config")
+    # Resuming on another layout may keep the checkpoint's global batch by another accumulation.
+    plan = raise_together(elastic.plan_resume, cfg, world, stated) if resume else None
+    if plan is not None:
+        cfg = plan.cfg
+        if dist.get_rank() == 0:
+            for notice in plan.notices:
+                print(f"[seqpar] {notice}", flush=True)
     # A problem seen by one rank only (e.g. a file missing on its node) stops every rank.
     raise_together(validate_config, cfg, world)  # files, sizes, names: before anything heavy
     # The directory is this run's before anything is written into it.
@@ -214,7 +227,7 @@ def setup(cfg, resume: bool = False) -> Trainer:
     dataset = raise_together(lambda: dataset if dist.get_rank() == 0 else _build_data(cfg, tokenizer))
     mesh = init_mesh(cfg.parallel.sp_size, cfg.parallel.ulysses_size)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
-    ds_config = deepspeed_config(cfg, mesh.dp_size, bf16)
+    ds_config = elastic.deepspeed_config_for(plan, deepspeed_config(cfg, mesh.dp_size, bf16))
     model, hf_ds = load_model(cfg, ds_config, config)
     model = parallelize(model, mesh, attention=cfg.parallel.attention, layout=cfg.parallel.layout,
                         fused_rope=cfg.parallel.fused_rope, tiled_loss=cfg.parallel.tiled_loss,
@@ -223,24 +236,28 @@ def setup(cfg, resume: bool = False) -> Trainer:
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
     batches = BatchIterator(dataset, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
-                            micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed)
+                            micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed,
+                            accumulation=cfg.train.gradient_accumulation_steps)
     engine = initialize_engine(model, cfg, mesh, ds_config)
     agree_on_run(run_fingerprint(config_hash(cfg), model, mesh))
     return Trainer(cfg=cfg, mesh=mesh, model=model, engine=engine, batches=batches, tokenizer=tokenizer,
                    checkpoints=checkpoints,
                    hf_deepspeed_config=hf_ds, zero3=zero_stage(ds_config) == 3,
-                   loss_scale=sp_loss_scale(ds_config, mesh.sp_size))
+                   loss_scale=sp_loss_scale(ds_config, mesh.sp_size), resume_plan=plan)
 
 
-def train(cfg, resume: bool = False, stop_after: int | None = None) -> list[dict]:
+def train(cfg, resume: bool = False, stop_after: int | None = None, stated=frozenset()) -> list[dict]:
     """Run (or continue) training; returns the per-step metrics of this invocation.
 
     `stop_after` ends this invocation after that many steps (with a checkpoint) without
-    changing the schedule, e.g. to fit a cluster time limit; `resume` continues it.
+    changing the schedule, e.g. to fit a cluster time limit; `resume` continues it, on the
+    same or another layout (`elastic`); `stated`: the config keys given by --set, the
+    only way to change the global batch or seq_len at a resume.
     """
     from .export import export_hf
 
-    trainer = setup(cfg, resume=resume)
+    trainer = setup(cfg, resume=resume, stated=stated)
+    cfg = trainer.cfg
     rank0 = dist.get_rank() == 0
     if resume and trainer.resume() and rank0:
         print(f"[seqpar] resumed from {trainer.checkpoints.latest()} at step {trainer.step}", flush=True)

@@ -56,7 +56,7 @@ def validate_stages(stages, world_size: int, validate) -> None:
             raise SeqparError(f"stage {index + 1}: {err}" if len(stages) > 1 else str(err)) from None
 
 
-def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None) -> None:
+def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stated=frozenset()) -> None:
     import torch.distributed as dist
 
     from .loop import init_distributed, train
@@ -80,7 +80,7 @@ def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None) -> N
         if dist.get_rank() == 0 and len(stages) > 1:
             print(f"[seqpar] stage {index}/{len(stages)}: seq_len {stage.train.seq_len}, "
                   f"{stage.train.steps} steps, lr {stage.train.lr}", flush=True)
-        history = train(stage, resume=resume, stop_after=stop_after)
+        history = train(stage, resume=resume, stop_after=stop_after, stated=stated)
         if stage.train.steps > (history[-1]["step"] if history else 0) and len(stages) > 1:
             return  # stopped early (--stop-after / SIGTERM): later stages wait for --resume
         if cfg.eval:
