@@ -9,7 +9,6 @@ and which kernel `auto` picks for each mask kind. Exit status 1 when no kernel i
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
