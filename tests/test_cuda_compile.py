@@ -22,8 +22,9 @@ NVCC = shutil.which("nvcc") or (str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvc
 CU_FILES = sorted(_build.CSRC.glob("*.cu"))
 ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
 
-pytestmark = pytest.mark.skipif(NVCC is None or not Path(NVCC).exists(),
-                                reason="nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
+pytestmark = [pytest.mark.extended,  # minutes of nvcc on 2 cores: the slow suite
+              pytest.mark.skipif(NVCC is None or not Path(NVCC).exists(),
+                                 reason="nvcc not found (install the CUDA toolkit or set CUDA_HOME)")]
 
 
 def _shim_dir(tmp: Path) -> Path:
@@ -64,7 +65,7 @@ def test_every_cu_file_compiles_for_sm80_and_sm90a(tmp_path):
         procs[cu] = (stamp, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     failures = []
     for cu, (stamp, proc) in procs.items():
-        out, _ = proc.communicate(timeout=900)
+        out, _ = proc.communicate(timeout=2400)
         if proc.returncode != 0:
             errors = [line for line in out.splitlines() if "error" in line]
             failures.append(f"{cu.name}:\n" + "\n".join(errors[:20] or out.splitlines()[-20:]))
