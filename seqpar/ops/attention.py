@@ -108,6 +108,9 @@ def attention_backend(device="cpu", dtype=torch.float32, head_dim: int = 64) -> 
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_kw):
+        # Unused outputs get None, not zeros: a zero dlse would mark delta as custom and keep
+        # the library kernels (which compute delta themselves) from serving the backward.
+        ctx.set_materialize_grads(False)
         kind = _mask_kind(q, k, mask_kw, None)
         out, lse = attention_forward(q, k, v, mask_kind=kind, **mask_kw)
         ctx.save_for_backward(q, k, v, out, lse)
