@@ -8,6 +8,12 @@ One rewrite widens what library kernels serve: a causal diagonal shifted below t
 one (row i sees keys j <= i + offset, offset < 0; the stripe layout's blocks) is the
 aligned diagonal on rows [-offset:] and keys [:sq + offset]; the first rows see nothing
 (out 0, lse -inf), and keys past the cut get no gradient.
+
+A second one, when a faster kernel serves the parts than the whole: a diagonal above the
+main one (offset > 0: the ring's bottom-right blocks, which SDPA's top-left `is_causal`
+cannot express) is keys [:offset], seen by every row (no mask), plus keys [offset:] on
+the aligned diagonal. The forward merges the two (out, lse) pairs; the backward, which
+takes the final out and lse, is the sum over the two key ranges.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import registry, torch_attention
-from .masks import CAUSAL, EMPTY, TOP_LEFT, MaskKind, check_attention_inputs, classify_mask
+from .masks import BOTTOM_RIGHT, CAUSAL, EMPTY, NONE, SHIFTED, TOP_LEFT, MaskKind, check_attention_inputs, classify_mask
 from .reference import accumulate_dtype
 
 attention_delta = torch_attention.attention_delta
@@ -43,6 +49,36 @@ def _aligned_mask(mask_kw: dict) -> dict:
     return {"causal": True}  # the cut block is on the diagonal: no positions needed
 
 
+def _split_keys(q, kind: MaskKind, sk: int, custom_delta: bool = False):
+    """(keys every row sees, aligned kind of the rest) for a diagonal above the main one,
+    when the kernel for unmasked blocks is not the one that would serve the whole block."""
+    if kind.offset <= 0 or kind.kind not in (BOTTOM_RIGHT, SHIFTED) or kind.offset >= sk:
+        return None
+    key = (q.device, q.dtype, q.shape[-1])
+    if registry.select(*key, NONE, custom_delta, record=False) is \
+            registry.select(*key, kind.kind, custom_delta, record=False):
+        return None
+    sq, rest = q.shape[1], sk - kind.offset
+    return kind.offset, MaskKind(CAUSAL if rest == sq else TOP_LEFT)
+
+
+def _top_left_mask(q, sk: int) -> dict:
+    """Top-left causal as explicit positions too: kernels that read positions default to
+    bottom-right when sq != sk; library kernels go by the kind."""
+    if q.shape[1] == sk:
+        return {"causal": True}
+    return {"causal": True, "q_positions": torch.arange(q.shape[1], device=q.device),
+            "k_positions": torch.arange(sk, device=q.device)}
+
+
+def _merge(parts, dtype):
+    """(out, lse) of attention over the union of the parts' keys."""
+    (o1, l1), (o2, l2) = parts
+    lse = torch.logaddexp(l1, l2)
+    w1, w2 = ((l - lse).exp().transpose(1, 2).unsqueeze(-1) for l in (l1, l2))  # [b, s, h, 1]
+    return (o1.to(w1.dtype) * w1 + o2.to(w2.dtype) * w2).to(dtype), lse
+
+
 def run_forward(backend, q, k, v, scale, mask_kw, kind: MaskKind):
     """(out, lse) of one block on `backend` (None: the registry chooses), rewrites applied."""
     sq, sk = q.shape[1], k.shape[1]
@@ -56,6 +92,12 @@ def run_forward(backend, q, k, v, scale, mask_kw, kind: MaskKind):
             out[:, drop:], lse[..., drop:] = run_forward(backend, q[:, drop:], k[:, :keep], v[:, :keep],
                                                          scale, _aligned_mask(mask_kw), aligned)
         return out, lse
+    split = _split_keys(q, kind, sk) if backend is None else None
+    if split is not None:
+        p, aligned = split
+        return _merge([run_forward(None, q, k[:, :p], v[:, :p], scale, {}, MaskKind(NONE)),
+                       run_forward(None, q, k[:, p:], v[:, p:], scale, _top_left_mask(q, sk - p), aligned)],
+                      q.dtype)
     backend = backend or registry.select(q.device, q.dtype, q.shape[-1], kind.kind)
     return backend.forward(q, k, v, scale, {**mask_kw, "kind": kind})
 
@@ -75,6 +117,16 @@ def run_backward(backend, dout, q, k, v, out, lse, delta, scale, mask_kw, kind: 
                                 scale, _aligned_mask(mask_kw), aligned, custom_delta)
             dq[:, drop:], dk[:, :keep], dv[:, :keep] = part
         return dq, dk, dv
+    split = _split_keys(q, kind, sk, custom_delta) if backend is None else None
+    if split is not None:
+        p, aligned = split
+        acc = accumulate_dtype(q.dtype)
+        seen = run_backward(None, dout, q, k[:, :p], v[:, :p], out, lse, delta, scale, {},
+                            MaskKind(NONE), custom_delta)
+        diag = run_backward(None, dout, q, k[:, p:], v[:, p:], out, lse, delta, scale,
+                            _top_left_mask(q, sk - p), aligned, custom_delta)
+        return (seen[0].to(acc) + diag[0].to(acc),
+                *(torch.cat([a.to(acc), b.to(acc)], dim=1) for a, b in zip(seen[1:], diag[1:])))
     backend = backend or registry.select(q.device, q.dtype, q.shape[-1], kind.kind, custom_delta)
     return backend.backward(dout, q, k, v, out, lse, delta, scale, {**mask_kw, "kind": kind})
 

@@ -98,13 +98,16 @@ def _key(backend, device, dtype, head_dim):
     return (backend.key, str(torch.device(device)), dtype, int(head_dim))
 
 
-def select(device, dtype, head_dim, kind: str, custom_delta: bool = False) -> backends.Backend:
-    """The backend that serves a block (see module doc); pure torch when nothing else does."""
+def select(device, dtype, head_dim, kind: str, custom_delta: bool = False,
+           record: bool = True) -> backends.Backend:
+    """The backend that serves a block (see module doc); pure torch when nothing else does.
+    `record=False`: only ask (the block is not run), so reports stay true."""
     device = torch.device(device)
     for backend in order(device.type):
         if (backend.serves(device, dtype, head_dim, kind, custom_delta)
                 and backend.available(device, head_dim) and verify(backend, device, dtype, head_dim).ok):
-            _state.served.setdefault((device.type, kind), set()).add(backend.name)
+            if record:
+                _state.served.setdefault((device.type, kind), set()).add(backend.name)
             return backend
     raise SeqparError(f"no attention kernel serves {device.type} {dtype} head_dim={head_dim} "
                       f"mask '{kind}', and the pure-torch kernel failed its self-test: "
