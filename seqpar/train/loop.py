@@ -37,6 +37,15 @@ from .safety import (RESUME_ADVICE, GracefulStop, agree_on_run, batch_fingerprin
                      check_finite, config_fingerprint, raise_together, run_fingerprint)
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter exits. Left to static
+    destructors, the communication threads can abort a rank that finished its work
+    ("terminate called without an active exception"), and a good run exits non-zero."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the job however it was launched: torchrun/deepspeed env vars, or mpirun (MPI)."""
     import deepspeed
