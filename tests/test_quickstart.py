@@ -7,9 +7,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.extended  # the two commands end to end (~1.5 min): the slow suite
 def test_quickstart_fast(tmp_path):
     env = dict(os.environ, SEQPAR_QUICKSTART_FAST="1", SEQPAR_QUICKSTART_DIR=str(tmp_path / "qs"))
     proc = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env, capture_output=True,

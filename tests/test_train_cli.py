@@ -41,6 +41,7 @@ def runs(tmp_path_factory):
     return tmp, first, second
 
 
+@pytest.mark.extended  # end-to-end launcher runs: the slow suite (CI's second step)
 def test_resume_continues_bitwise(runs):
     tmp, first, second = runs
     straight, resumed = losses(tmp, "straight"), losses(tmp, "resumed")
@@ -51,6 +52,7 @@ def test_resume_continues_bitwise(runs):
     assert straight[6] < straight[1]  # it trains
 
 
+@pytest.mark.extended  # end-to-end launcher runs: the slow suite (CI's second step)
 def test_checkpoints_are_complete_and_pruned(runs):
     tmp, *_ = runs
     ckpt = tmp / "straight" / "ckpt"
@@ -61,6 +63,7 @@ def test_checkpoints_are_complete_and_pruned(runs):
     assert not list(ckpt.glob(".tmp-*"))
 
 
+@pytest.mark.extended  # end-to-end launcher runs: the slow suite (CI's second step)
 def test_hf_export_loads_with_trained_weights(runs):
     from transformers import AutoModelForCausalLM
 
@@ -94,6 +97,7 @@ def test_mpirun_launcher_trains(tmp_path):
     assert (tmp_path / "ckpt" / "step_00000002" / "COMPLETE").is_file()
 
 
+@pytest.mark.extended  # end-to-end launcher runs: the slow suite (CI's second step)
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     """Clusters signal every process before preemption: finish the step, save, exit 0."""
     import time
@@ -126,6 +130,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     assert int(saved[0].name.split("_")[1]) < 500
 
 
+@pytest.mark.extended  # end-to-end launcher runs: the slow suite (CI's second step)
 def test_zero3_trains_like_zero2_and_exports_gathered_weights(runs):
     """From the same pretrained weights, ZeRO-3 (weights partitioned at load, gathered for
     the export) trains the same model as ZeRO-2, up to float32 reduction order."""
@@ -147,6 +152,7 @@ def test_zero3_trains_like_zero2_and_exports_gathered_weights(runs):
     assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
+@pytest.mark.extended  # end-to-end launcher runs: the slow suite (CI's second step)
 def test_staged_schedule_with_evals(tmp_path):
     """Two stages (128 then 256 tokens, its own steps and lr), stage 2 starting from stage
     1's export with RoPE re-extended, evals at each stage end; a rerun skips finished stages."""
