@@ -237,8 +237,8 @@ def test_real_build_by_two_processes_without_ninja_on_path(tmp_path):
     env = {**os.environ, "PATH": path, "SEQPAR_EXT_DIR": str(tmp_path / "ext"), "PYTHONPATH": str(ROOT)}
     for var in ("SEQPAR_DISABLE_EXT", "CXX", "VIRTUAL_ENV"):
         env.pop(var, None)
-    probe = ("from seqpar.ops import _build, attention_backend; s = _build.load_extension();"
-             "print(attention_backend(), s.kind.replace(' ', '-'), s.reason)")
+    probe = ("from seqpar.ops import _build, compiled; s = _build.load_extension();"
+             "print(compiled.backend_name(), s.kind.replace(' ', '-'), s.reason)")
     procs = [subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=1200) + (p.returncode,) for p in procs]
