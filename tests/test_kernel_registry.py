@@ -169,6 +169,27 @@ def test_diagonal_above_the_main_one_runs_as_two_flash_blocks(sq, sk, first_pos)
     assert all(names == ["flash"] for names in served.values()), served
 
 
+@pytest.mark.parametrize("kernel", ["auto", "seqpar", "torch"])
+def test_diagonal_below_with_fewer_keys_than_rows_is_top_left_on_every_kernel(kernel):
+    """A diagonal shifted down whose cut block has more rows than keys is top-left causal:
+    kernels that read positions must be given them (their default is bottom-right)."""
+    registry.set_attention_kernel(kernel)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, s, h, 16, generator=g, dtype=torch.float64, requires_grad=True)
+               for s, h in ((32, 4), (8, 2), (8, 2)))
+    mask = dict(causal=True, q_positions=torch.arange(32) - 4, k_positions=torch.arange(8))
+    assert classify_mask(32, 8, **mask).offset == -4
+    out, lse = attention(q, k, v, **mask)
+    out.square().sum().backward()
+    got = [out, lse] + [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref_out, ref_lse = attention_reference(q, k, v, **mask)
+    ref_out.square().sum().backward()
+    for a, b in zip(got, [ref_out, ref_lse, q.grad, k.grad, v.grad]):
+        torch.testing.assert_close(a, b)
+
+
 def test_varlen_construction_matches_document_mask():
     docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [5, 5, 6, 6, 6, 6, 7, 7]])
     cu, longest = varlen_from_doc_ids(docs)

@@ -45,10 +45,6 @@ def _drop_rows(kind: MaskKind, sq: int, sk: int):
     return drop, keep, aligned
 
 
-def _aligned_mask(mask_kw: dict) -> dict:
-    return {"causal": True}  # the cut block is on the diagonal: no positions needed
-
-
 def _split_keys(q, kind: MaskKind, sk: int, custom_delta: bool = False):
     """(keys every row sees, aligned kind of the rest) for a diagonal above the main one,
     when the kernel for unmasked blocks is not the one that would serve the whole block."""
@@ -90,7 +86,7 @@ def run_forward(backend, q, k, v, scale, mask_kw, kind: MaskKind):
                          device=q.device)
         if drop < sq and keep > 0:
             out[:, drop:], lse[..., drop:] = run_forward(backend, q[:, drop:], k[:, :keep], v[:, :keep],
-                                                         scale, _aligned_mask(mask_kw), aligned)
+                                                         scale, _top_left_mask(q[:, drop:], keep), aligned)
         return out, lse
     split = _split_keys(q, kind, sk) if backend is None else None
     if split is not None:
@@ -114,7 +110,7 @@ def run_backward(backend, dout, q, k, v, out, lse, delta, scale, mask_kw, kind: 
         if drop < sq and keep > 0:
             part = run_backward(backend, dout[:, drop:], q[:, drop:], k[:, :keep], v[:, :keep],
                                 out[:, drop:], lse[..., drop:], None if delta is None else delta[..., drop:],
-                                scale, _aligned_mask(mask_kw), aligned, custom_delta)
+                                scale, _top_left_mask(q[:, drop:], keep), aligned, custom_delta)
             dq[:, drop:], dk[:, :keep], dv[:, :keep] = part
         return dq, dk, dv
     split = _split_keys(q, kind, sk, custom_delta) if backend is None else None
