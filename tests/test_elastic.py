@@ -21,6 +21,8 @@ from seqpar.errors import SeqparError
 from seqpar.train.config_io import load_config
 from seqpar.train.elastic import Layout, plan_resume, stated_keys
 
+from .test_train_cli import losses  # step -> loss from a run's metrics.jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -154,9 +156,6 @@ def run_train(tmp: Path, name: str, *extra: str, nproc: int = 4) -> subprocess.C
     return proc
 
 
-def losses(tmp: Path, name: str) -> dict:
-    lines = (tmp / name / "logs" / "metrics.jsonl").read_text().splitlines()
-    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
 
 
 @pytest.mark.extended
