@@ -39,3 +39,14 @@ def device_for(backend: str) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def sp_summed_grads(model, group, dtype=None) -> list[torch.Tensor]:
+    """Each parameter's gradient summed over the SP group: what one process computing the
+    whole sequence would hold (every SP rank saw only its shard's tokens)."""
+    grads = []
+    for p in model.parameters():
+        g = p.grad.clone() if dtype is None else p.grad.to(dtype).clone()
+        dist.all_reduce(g, group=group)
+        grads.append(g)
+    return grads

@@ -24,7 +24,7 @@ from seqpar.model import enable_checkpointing, parallelize, shard_batch
 from seqpar.model.rope import restore_rope
 from seqpar.parallel import init_mesh
 
-from .distributed import run_distributed
+from .distributed import run_distributed, sp_summed_grads
 
 TOL = 1e-5
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
@@ -82,9 +82,8 @@ def check_model(family, yarn, algorithm, layout, ulysses_size, seq_len, fused_ro
     failures = []
     if abs(loss.item() - ref_loss.item()) > TOL * abs(ref_loss.item()):
         failures.append(f"{name}: loss {loss.item():.8f} != single-process {ref_loss.item():.8f}")
-    for (pname, p), ref_p in zip(model.named_parameters(), reference.parameters()):
-        grad = p.grad.clone()
-        dist.all_reduce(grad, group=mesh.sp_group)
+    for (pname, _), grad, ref_p in zip(model.named_parameters(), sp_summed_grads(model, mesh.sp_group),
+                                       reference.parameters()):
         err = relative_error(grad, ref_p.grad)
         if not err < TOL:
             failures.append(f"{name}: grad of {pname} relative error {err:.2e}")
@@ -201,9 +200,8 @@ def checkpointing_and_bf16():
         loss.backward()
         if abs(loss.item() - ref_loss.item()) > tol * ref_loss.item():
             failures.append(f"{dtype} checkpointing={checkpointing}: loss {loss.item()} vs {ref_loss.item()}")
-        for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
-            grad = p.grad.float().clone()
-            dist.all_reduce(grad, group=mesh.sp_group)
+        grads = sp_summed_grads(model, mesh.sp_group, torch.float32)
+        for (name, _), grad, ref_p in zip(model.named_parameters(), grads, reference.parameters()):
             err = relative_error(grad, ref_p.grad)
             if not err < tol:
                 failures.append(f"{dtype} checkpointing={checkpointing}: grad {name} relative error {err:.2e}")
@@ -229,12 +227,7 @@ def tiled_mlp_and_offload():
         mesh = model.seqpar_plan.mesh
         loss = model(**shard_batch({"input_ids": input_ids}, mesh)).loss
         loss.backward()
-        grads = []
-        for p in model.parameters():
-            g = p.grad.clone()
-            dist.all_reduce(g, group=mesh.sp_group)
-            grads.append(g)
-        results.append((loss.item(), grads))
+        results.append((loss.item(), sp_summed_grads(model, mesh.sp_group)))
     failures = []
     base_loss, base_grads = results[0]
     for (loss, grads), kw in zip(results[1:], ("tiled_mlp", "offload+tiled")):

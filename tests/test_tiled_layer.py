@@ -19,7 +19,7 @@ from seqpar.model import enable_checkpointing, parallelize, shard_batch
 from seqpar.model.rope import restore_rope
 from seqpar.parallel import init_mesh
 
-from .distributed import run_distributed
+from .distributed import run_distributed, sp_summed_grads
 from .test_model_parallel import relative_error, tiny_model
 
 TILE = 5  # does not divide the 16-token shards: the last tile is short
@@ -40,12 +40,7 @@ def _loss_and_grads(model, input_ids, checkpointing, layout):
     mesh = model.seqpar_plan.mesh
     loss = model(**shard_batch({"input_ids": input_ids}, mesh, layout=layout)).loss
     loss.backward()
-    grads = []
-    for p in model.parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g, group=mesh.sp_group)
-        grads.append(g)
-    return loss.item(), grads
+    return loss.item(), sp_summed_grads(model, mesh.sp_group)
 
 
 def _record_tile_lengths(model) -> list:
