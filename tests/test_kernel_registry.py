@@ -72,8 +72,9 @@ def test_cuda_declarations():
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     by_name = {b.name: b for b in registry.ALL_BACKENDS if b.device_type == "cuda"}
     assert by_name["flash"].serves(cuda, bf16, 128, CAUSAL)
-    assert by_name["flash"].serves(cuda, bf16, 128, TOP_LEFT)      # SDPA: top-left aligned
-    assert not by_name["flash"].serves(cuda, bf16, 128, BOTTOM_RIGHT)
+    assert by_name["flash"].serves(cuda, bf16, 128, BOTTOM_RIGHT)  # FA2 inside: bottom-right (measured, H200)
+    assert not by_name["flash"].serves(cuda, bf16, 128, TOP_LEFT)
+    assert by_name["cudnn"].serves(cuda, bf16, 128, TOP_LEFT)
     assert by_name["flash-attn"].serves(cuda, bf16, 128, BOTTOM_RIGHT)  # FA2: bottom-right
     assert not by_name["flash-attn"].serves(cuda, bf16, 128, TOP_LEFT)
     assert not by_name["flash"].serves(cuda, torch.float32, 128, CAUSAL)

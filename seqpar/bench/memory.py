@@ -175,8 +175,10 @@ def _rank_steps(model_file, variant_dict, seq_len, zero_json, dtype, steps, seed
 
 def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float32",
                      variant_names=VARIANTS, tile=1024, steps=2, device="cpu", seed=0,
-                     timeout=3600.0, out=None) -> list[dict]:
-    """Measure every variant at every length, with the planner's prediction beside it."""
+                     timeout=3600.0, out=None, json_path=None) -> list[dict]:
+    """Measure every variant at every length, with the planner's prediction beside it.
+    Each row is reported (and `json_path` rewritten) as soon as it is measured, so a run
+    cut short by a time limit keeps what it measured."""
     from ..parallel.spawn import DistributedRunError, run_distributed
     from ..plan.memory import plan_for_run
 
@@ -205,6 +207,11 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
                          "dtype": dtype, "measured_peak_bytes": measured,
                          "predicted_peak_bytes": predicted.total, "predicted": predicted.as_dict(),
                          "error": error, "step_s": step_s, "loss": loss, "phases": phases})
+            result = f"peak {measured / MIB:.0f} MiB, {step_s:.2f} s/step" if measured else error
+            print(f"[bench memory] {v.name} S={s}: {result} (plan {predicted.total / MIB:.0f} MiB)",
+                  file=sys.stderr, flush=True)
+            if json_path:
+                write_json(rows, json_path)
     print(format_table(rows), file=out or sys.stdout, flush=True)
     return rows
 
@@ -271,7 +278,5 @@ def _run_cli(args) -> int:
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     rows = run_memory_bench(args.model, [int(x) for x in args.seq_len.split(",")], world_size=args.world_size,
                             zero=args.zero, dtype=dtype, variant_names=names, tile=args.tiled_mlp,
-                            steps=args.steps, device=args.device, timeout=args.timeout)
-    if args.json:
-        write_json(rows, args.json)
+                            steps=args.steps, device=args.device, timeout=args.timeout, json_path=args.json)
     return 0 if all(r["error"] is None for r in rows) else 1

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import SeqparError
 from . import backends, library_kernels
-from .masks import CAUSAL, DOCUMENTS, NONE, POSITIONS, SHIFTED, TOP_LEFT, classify_mask
+from .masks import BOTTOM_RIGHT, CAUSAL, DOCUMENTS, NONE, POSITIONS, SHIFTED, TOP_LEFT, classify_mask
 from .reference import attention_reference
 
 KERNEL_NAMES = ("auto", "flash", "cudnn", "efficient", "flash-attn", "seqpar", "torch")
@@ -43,7 +43,7 @@ AUTO_ORDER = {"cpu": ("flash", "seqpar", "torch"),
 ALL_BACKENDS = ([library_kernels.CPU_FLASH] + library_kernels.CUDA_LIBRARY + [library_kernels.FLASH_ATTN]
                 + backends.SEQPAR + backends.TORCH)
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-SELF_TEST_KINDS = (NONE, CAUSAL, TOP_LEFT, SHIFTED, DOCUMENTS, POSITIONS)
+SELF_TEST_KINDS = (NONE, CAUSAL, TOP_LEFT, BOTTOM_RIGHT, SHIFTED, DOCUMENTS, POSITIONS)
 
 
 @dataclass
@@ -173,6 +173,7 @@ def _test_masks(s: int, kind: str, doc_boundary: int):
         NONE: dict(causal=False),
         CAUSAL: dict(causal=True),
         TOP_LEFT: dict(causal=True, q_positions=pos[: s // 2], k_positions=pos),
+        BOTTOM_RIGHT: dict(causal=True, q_positions=pos[s // 2:], k_positions=pos),
         SHIFTED: dict(causal=True, q_positions=2 * pos, k_positions=2 * pos + 1),  # stripe, src > rank
         DOCUMENTS: dict(causal=True, doc_ids=docs),
         POSITIONS: dict(causal=True, q_positions=pos.flip(0), k_positions=pos.flip(0), doc_ids=docs),
