@@ -22,7 +22,8 @@ import torch
 
 from . import registry, torch_attention
 from .masks import BOTTOM_RIGHT, CAUSAL, EMPTY, NONE, SHIFTED, TOP_LEFT, MaskKind, check_attention_inputs, classify_mask
-from .reference import accumulate_dtype
+from .dtypes import accumulate_dtype
+from .grad import block_vjp
 
 attention_delta = torch_attention.attention_delta
 
@@ -168,15 +169,12 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        delta = attention_delta(dout, out)
-        if dlse is not None:
-            # d lse / d score = p, so a gradient on lse enters as a shift of delta.
-            delta = delta - dlse.to(delta.dtype)
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, delta=delta, mask_kind=ctx.kind,
-                                        custom_delta=dlse is not None, **ctx.mask_kw)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+        def kernel(dout, delta, custom_delta):
+            return attention_backward(dout, q, k, v, out, lse, delta=delta, mask_kind=ctx.kind,
+                                      custom_delta=custom_delta, **ctx.mask_kw)
+
+        return (*block_vjp(dout, dlse, q, k, v, out, kernel), None)
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, q_positions=None,
