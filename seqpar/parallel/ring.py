@@ -261,9 +261,6 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
-check_ring_inputs = check_shard_inputs  # shape checks every rank can do alone, before any communication
-
-
 def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "zigzag",
                    softmax_scale: float | None = None, doc_ids: torch.Tensor | None = None,
                    return_lse: bool = False):
@@ -276,7 +273,7 @@ def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "z
     forward and backward equal single-device attention on the unsharded tensors.
     """
     world = dist.get_world_size(group)
-    check_ring_inputs(q, k, v, world, layout, doc_ids)
+    check_shard_inputs(q, k, v, world, layout, doc_ids)
     agree_on_kernels(q, group)
     out, lse = _RingAttention.apply(q, k, v, group, causal, layout, softmax_scale, doc_ids)
     return (out, lse) if return_lse else out

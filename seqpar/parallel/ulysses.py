@@ -104,17 +104,27 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, layout: str =
     """
     world = dist.get_world_size(group)
     check_ulysses_inputs(q, k, v, world, layout, doc_ids)
-    seq_len = q.shape[1] * world
     agree_on_kernels(q, group)
-    q_h, k_h, v_h = heads_to_ranks(q, k, v, group)
-    docs = gather_doc_ids(doc_ids, q.shape[0], group)
     # After the all-to-all, tokens sit in rank order. Putting them back in sequence order
     # makes the causal mask the plain diagonal, which the library kernels serve.
-    order = sequence_order(seq_len, world, layout, q.device)
+    order = sequence_order(q.shape[1] * world, world, layout, q.device)
+
+    def attend(q_h, k_h, v_h, docs):
+        return attention(q_h, k_h, v_h, causal=causal, softmax_scale=softmax_scale, doc_ids=docs)[0]
+
+    return attend_over_heads(q, k, v, group, doc_ids, order, attend)
+
+
+def attend_over_heads(q, k, v, group, doc_ids, order, attend):
+    """Ulysses around any attention: trade the sequence shard for a head shard, put the
+    gathered tokens in `order` (None: as gathered), run `attend(q, k, v, doc_ids)` on
+    them, and trade back. Returns this rank's output shard."""
+    q_h, k_h, v_h = heads_to_ranks(q, k, v, group)
+    docs = gather_doc_ids(doc_ids, q.shape[0], group)
     if order is not None:
         q_h, k_h, v_h = (t.index_select(1, order) for t in (q_h, k_h, v_h))
         docs = None if docs is None else docs.index_select(1, order)
-    out_h, _ = attention(q_h, k_h, v_h, causal=causal, softmax_scale=softmax_scale, doc_ids=docs)
+    out_h = attend(q_h, k_h, v_h, docs)
     if order is not None:
         out_h = out_h.index_select(1, torch.argsort(order))
     return heads_to_seq(out_h, group)
