@@ -2,8 +2,9 @@
 
 `count_comm()` records each call and the bytes this rank sends; tests assert the counts
 against each algorithm's definition, and `seqpar bench` reports them against theory.
-Nothing else in seqpar calls `torch.distributed` collectives or point-to-point ops:
-ring attention uses `RingExchange`, Ulysses `all_to_all`, layouts `all_gather`, the
+No other module of `seqpar.parallel`, `seqpar.ops` or `seqpar.model.loss` calls a
+`torch.distributed` collective or point-to-point op: ring attention uses
+`RingExchange`, Ulysses `all_to_all`, layouts and document ids `gather_shards`, the
 sharded loss `all_reduce`.
 """
 
