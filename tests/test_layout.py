@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import doctest
+
 import pytest
 import torch
 
 from seqpar import SeqparError
-from seqpar.parallel import LAYOUTS, check_layout, shard_chunks, shard_positions
-from seqpar.parallel.ring import plan_blocks
+from seqpar.parallel import LAYOUTS, check_layout, ring, shard_chunks, shard_positions
+from seqpar.parallel.ring import CAUSAL, FULL, BlockCall, Rows, plan_blocks
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -44,10 +46,8 @@ def causal_work(seq_len, world, layout):
     for rank in range(world):
         for step in range(world):
             src = (rank - step) % world
-            for task in plan_blocks(chunks[rank], chunks[src], causal=True):
-                q_rows = (task.q.stop - task.q.start) if task.q else seq_len // world
-                k_rows = (task.k.stop - task.k.start) if task.k else seq_len // world
-                work[rank, step] += q_rows * k_rows
+            for call in plan_blocks(chunks[rank], chunks[src], causal=True):
+                work[rank, step] += len(call.q_rows) * len(call.k_rows)
     return work
 
 
@@ -79,3 +79,22 @@ def test_blocks_without_shared_documents_are_skipped():
     q_doc, k_doc = torch.tensor([[1, 1, 1, 1]]), torch.tensor([[0, 0, 0, 0]])
     assert plan_blocks(chunks[1], chunks[0], causal=True, q_doc=q_doc, k_doc=k_doc) == []
     assert plan_blocks(chunks[1], chunks[0], causal=True, q_doc=q_doc, k_doc=q_doc) != []
+
+
+def test_ring_docstring_example_is_what_plan_blocks_returns():
+    # The worked W=2 zigzag example in ring.py's module docstring, run as a doctest.
+    result = doctest.testmod(ring, verbose=False)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_zigzag_rank1_of_2_plan():
+    rank0, rank1 = shard_chunks(8, 0, 2), shard_chunks(8, 1, 2)
+    lo, hi = rank1  # tokens 2-3 (rows 0-1), tokens 4-5 (rows 2-3)
+    # step 0, own block: the diagonal of 2-3 masked, 2-3 x 4-5 skipped, 4-5 x all masked
+    assert plan_blocks(rank1, rank1, causal=True) == [
+        BlockCall(Rows((lo,)), Rows((lo,)), CAUSAL), BlockCall(Rows((hi,)), Rows(tuple(rank1)), CAUSAL)]
+    # step 1, rank 0's block: keys 0-1 in full for both query runs, keys 6-7 skipped
+    assert plan_blocks(rank1, rank0, causal=True) == [
+        BlockCall(Rows((lo,)), Rows((rank0[0],)), FULL), BlockCall(Rows((hi,)), Rows((rank0[0],)), FULL)]
+    # without a causal mask every query sees every key: one call over the whole block
+    assert plan_blocks(rank1, rank0, causal=False) == [BlockCall(Rows(tuple(rank1)), Rows(tuple(rank0)), FULL)]

@@ -9,7 +9,9 @@ the algorithm's definition (`seqpar.parallel.volume`): a change that adds traffi
 
 from __future__ import annotations
 
+import ast
 import itertools
+import pathlib
 import zlib
 from dataclasses import dataclass
 
@@ -196,3 +198,20 @@ def test_matches_single_device_attention_forced_kernels():
     cases = [c for c in cases_for(4) if c.dtype == torch.float32]
     results = run_distributed(run_cases_with_kernels, 4, cases, "gloo", ["seqpar", "torch"], timeout=900)
     _assert_no_failures(results, cases)
+
+
+def test_only_comm_communicates():
+    """Every collective of the attention algorithms, layouts and the sharded loss goes
+    through `seqpar.parallel.comm` (so `count_comm` sees it): no other module of theirs
+    calls a torch.distributed collective or point-to-point op."""
+    root = pathlib.Path(__file__).resolve().parents[1] / "seqpar"
+    ops = {"all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "send", "recv", "isend",
+           "irecv", "batch_isend_irecv", "all_to_all", "all_to_all_single", "reduce_scatter", "gather",
+           "scatter", "reduce"}
+    files = [p for p in sorted((root / "parallel").glob("*.py")) + sorted((root / "ops").glob("*.py"))
+             if p.name not in ("comm.py", "mesh.py", "spawn.py")] + [root / "model" / "loss.py"]
+    calls = [f"{p.relative_to(root)}:{node.lineno} dist.{node.func.attr}"
+             for p in files for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "dist" and node.func.attr in ops]
+    assert calls == []

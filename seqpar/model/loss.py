@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import SeqparError
-from ..parallel.comm import _record, nbytes
+from ..parallel.comm import all_reduce
 
 __all__ = ["default_chunk_size", "sharded_cross_entropy"]
 
@@ -45,11 +45,7 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        out = x.clone()
-        world = dist.get_world_size(group)
-        _record("all_reduce", nbytes(out) * 2 * (world - 1) // world)  # ring all-reduce traffic
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        return all_reduce(x.clone(), group)
 
     @staticmethod
     def backward(ctx, grad):

@@ -88,7 +88,7 @@ def _cuda_toolchain() -> tuple[bool, str]:
     """(build CUDA?, why not) — needs a CUDA torch and nvcc from CUDA_HOME."""
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} has no CUDA"
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # deferred: imports setuptools, needed only to build
     home = cpp_extension.CUDA_HOME
     if home is None or not (Path(home) / "bin" / "nvcc").exists():
         return False, "no CUDA toolchain (nvcc) found; set CUDA_HOME"
@@ -233,7 +233,7 @@ def _load_or_build(plan: _Plan, status: ExtensionStatus) -> None:
 
 def _compile(plan: _Plan, staging: Path) -> Path:
     """Builds the library into `staging` with cpp_extension (which also loads it); returns its path."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # deferred: imports setuptools, needed only to build
 
     env = {"PATH": _path_with_ninja()}
     if plan.with_cuda:
@@ -276,7 +276,7 @@ def _ninja_dirs() -> list[str]:
     """Where a pip-installed ninja lives: the `ninja` package's BIN_DIR, the interpreter's scripts dir."""
     dirs = []
     try:
-        import ninja
+        import ninja  # deferred: optional build tool, absent where nothing is compiled
         if getattr(ninja, "BIN_DIR", None):
             dirs.append(str(ninja.BIN_DIR))
     except ImportError:

@@ -4,25 +4,19 @@ Each call is served by the kernel `registry.select` picks for the block's device
 head_dim and mask kind (`masks.classify_mask`): the fastest self-tested backend that
 serves it. `attention_backend()` says which backend serves which mask kind.
 
-One rewrite widens what library kernels serve: a causal diagonal shifted below the main
-one (row i sees keys j <= i + offset, offset < 0; the stripe layout's blocks) is the
-aligned diagonal on rows [-offset:] and keys [:sq + offset]; the first rows see nothing
-(out 0, lse -inf), and keys past the cut get no gradient.
-
-A second one, when a faster kernel serves the parts than the whole: a diagonal above the
-main one (offset > 0: the ring's bottom-right blocks, which SDPA's top-left `is_causal`
-cannot express) is keys [:offset], seen by every row (no mask), plus keys [offset:] on
-the aligned diagonal. The forward merges the two (out, lse) pairs; the backward, which
-takes the final out and lse, is the sum over the two key ranges.
+Blocks whose causal diagonal is shifted are rewritten into parts the fast kernels serve
+(see `rewrites`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from . import registry, torch_attention
-from .masks import BOTTOM_RIGHT, CAUSAL, EMPTY, NONE, SHIFTED, TOP_LEFT, MaskKind, check_attention_inputs, classify_mask
-from .reference import accumulate_dtype
+from . import registry, rewrites, torch_attention
+from .grad import block_vjp
+from .masks import MaskKind, check_attention_inputs, classify_mask
 
 attention_delta = torch_attention.attention_delta
 
@@ -35,96 +29,23 @@ def _mask_kind(q, k, mask_kw, kind: MaskKind | None) -> MaskKind:
                          doc_ids=mask_kw.get("doc_ids"))
 
 
-def _drop_rows(kind: MaskKind, sq: int, sk: int):
-    """(rows dropped, keys kept, aligned kind) for a diagonal below the main one, else None."""
-    if kind.offset >= 0 or kind.kind not in (EMPTY, "causal-shifted"):
-        return None
-    drop = min(sq, -kind.offset)
-    keep = min(sk, sq - drop)
-    aligned = MaskKind(CAUSAL if keep == sq - drop else TOP_LEFT)
-    return drop, keep, aligned
-
-
-def _split_keys(q, kind: MaskKind, sk: int, custom_delta: bool = False):
-    """(keys every row sees, aligned kind of the rest) for a diagonal above the main one,
-    when the kernel for unmasked blocks is not the one that would serve the whole block."""
-    if kind.offset <= 0 or kind.kind not in (BOTTOM_RIGHT, SHIFTED) or kind.offset >= sk:
-        return None
-    key = (q.device, q.dtype, q.shape[-1])
-    if registry.select(*key, NONE, custom_delta, record=False) is \
-            registry.select(*key, kind.kind, custom_delta, record=False):
-        return None
-    sq, rest = q.shape[1], sk - kind.offset
-    return kind.offset, MaskKind(CAUSAL if rest == sq else TOP_LEFT)
-
-
-def _top_left_mask(q, sk: int) -> dict:
-    """Top-left causal as explicit positions too: kernels that read positions default to
-    bottom-right when sq != sk; library kernels go by the kind."""
-    if q.shape[1] == sk:
-        return {"causal": True}
-    return {"causal": True, "q_positions": torch.arange(q.shape[1], device=q.device),
-            "k_positions": torch.arange(sk, device=q.device)}
-
-
-def _merge(parts, dtype):
-    """(out, lse) of attention over the union of the parts' keys."""
-    (o1, l1), (o2, l2) = parts
-    lse = torch.logaddexp(l1, l2)
-    w1, w2 = ((l - lse).exp().transpose(1, 2).unsqueeze(-1) for l in (l1, l2))  # [b, s, h, 1]
-    return (o1.to(w1.dtype) * w1 + o2.to(w2.dtype) * w2).to(dtype), lse
+def _pick(backend, q) -> rewrites.Pick:
+    """`backend` for every part of the block; None: the registry's choice per mask kind."""
+    if backend is not None:
+        return rewrites.fixed(backend)
+    return functools.partial(registry.select, q.device, q.dtype, q.shape[-1])
 
 
 def run_forward(backend, q, k, v, scale, mask_kw, kind: MaskKind):
     """(out, lse) of one block on `backend` (None: the registry chooses), rewrites applied."""
-    sq, sk = q.shape[1], k.shape[1]
-    cut = _drop_rows(kind, sq, sk)
-    if cut is not None or kind.kind == EMPTY:
-        drop, keep, aligned = cut if cut is not None else (sq, 0, kind)
-        out = torch.zeros_like(q)
-        lse = torch.full((q.shape[0], q.shape[2], sq), float("-inf"), dtype=accumulate_dtype(q.dtype),
-                         device=q.device)
-        if drop < sq and keep > 0:
-            out[:, drop:], lse[..., drop:] = run_forward(backend, q[:, drop:], k[:, :keep], v[:, :keep],
-                                                         scale, _top_left_mask(q[:, drop:], keep), aligned)
-        return out, lse
-    split = _split_keys(q, kind, sk) if backend is None else None
-    if split is not None:
-        p, aligned = split
-        return _merge([run_forward(None, q, k[:, :p], v[:, :p], scale, {}, MaskKind(NONE)),
-                       run_forward(None, q, k[:, p:], v[:, p:], scale, _top_left_mask(q, sk - p), aligned)],
-                      q.dtype)
-    backend = backend or registry.select(q.device, q.dtype, q.shape[-1], kind.kind)
-    return backend.forward(q, k, v, scale, {**mask_kw, "kind": kind})
+    return rewrites.run_forward(_pick(backend, q), q, k, v, scale, mask_kw, kind)
 
 
 def run_backward(backend, dout, q, k, v, out, lse, delta, scale, mask_kw, kind: MaskKind,
                  custom_delta: bool = False):
     """(dq, dk, dv) of one block on `backend` (None: the registry chooses), rewrites applied."""
-    sq, sk = q.shape[1], k.shape[1]
-    cut = _drop_rows(kind, sq, sk)
-    if cut is not None or kind.kind == EMPTY:
-        drop, keep, aligned = cut if cut is not None else (sq, 0, kind)
-        acc = accumulate_dtype(q.dtype)
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
-        if drop < sq and keep > 0:
-            part = run_backward(backend, dout[:, drop:], q[:, drop:], k[:, :keep], v[:, :keep],
-                                out[:, drop:], lse[..., drop:], None if delta is None else delta[..., drop:],
-                                scale, _top_left_mask(q[:, drop:], keep), aligned, custom_delta)
-            dq[:, drop:], dk[:, :keep], dv[:, :keep] = part
-        return dq, dk, dv
-    split = _split_keys(q, kind, sk, custom_delta) if backend is None else None
-    if split is not None:
-        p, aligned = split
-        acc = accumulate_dtype(q.dtype)
-        seen = run_backward(None, dout, q, k[:, :p], v[:, :p], out, lse, delta, scale, {},
-                            MaskKind(NONE), custom_delta)
-        diag = run_backward(None, dout, q, k[:, p:], v[:, p:], out, lse, delta, scale,
-                            _top_left_mask(q, sk - p), aligned, custom_delta)
-        return (seen[0].to(acc) + diag[0].to(acc),
-                *(torch.cat([a.to(acc), b.to(acc)], dim=1) for a, b in zip(seen[1:], diag[1:])))
-    backend = backend or registry.select(q.device, q.dtype, q.shape[-1], kind.kind, custom_delta)
-    return backend.backward(dout, q, k, v, out, lse, delta, scale, {**mask_kw, "kind": kind})
+    return rewrites.run_backward(_pick(backend, q), dout, q, k, v, out, lse, delta, scale, mask_kw, kind,
+                                 custom_delta)
 
 
 def attention_forward(q, k, v, *, softmax_scale=None, mask_kind: MaskKind | None = None, **mask_kw):
@@ -168,15 +89,12 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        delta = attention_delta(dout, out)
-        if dlse is not None:
-            # d lse / d score = p, so a gradient on lse enters as a shift of delta.
-            delta = delta - dlse.to(delta.dtype)
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, delta=delta, mask_kind=ctx.kind,
-                                        custom_delta=dlse is not None, **ctx.mask_kw)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+        def kernel(dout, delta, custom_delta):
+            return attention_backward(dout, q, k, v, out, lse, delta=delta, mask_kind=ctx.kind,
+                                      custom_delta=custom_delta, **ctx.mask_kw)
+
+        return (*block_vjp(dout, dlse, q, k, v, out, kernel), None)
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, q_positions=None,

@@ -16,6 +16,8 @@ import threading
 import torch
 
 from . import _build
+from .dtypes import accumulate_dtype
+from .grad import block_vjp
 from .masks import check_attention_inputs, split_doc_ids
 
 CUDA_ATTENTION_DTYPES = (torch.bfloat16, torch.float16)  # tensor-core kernels only
@@ -73,22 +75,18 @@ def backend_name() -> str:
 
 # ---------------------------------------------------------------- fake (meta) kernels
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _register() -> None:
     lib = "seqpar::"
 
     @torch.library.register_fake(lib + "attention_fwd")
     def _(q, k, v, causal, scale, q_positions=None, k_positions=None, q_doc_ids=None, k_doc_ids=None):
         b, sq, hq, _d = q.shape
-        return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=_acc(q.dtype))
+        return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=accumulate_dtype(q.dtype))
 
     @torch.library.register_fake(lib + "attention_bwd")
     def _(dout, q, k, v, out, lse, delta, causal, scale, q_positions=None, k_positions=None,
           q_doc_ids=None, k_doc_ids=None):
-        acc = _acc(q.dtype)
+        acc = accumulate_dtype(q.dtype)
         return q.new_empty(q.shape, dtype=acc), k.new_empty(k.shape, dtype=acc), v.new_empty(v.shape, dtype=acc)
 
     @torch.library.register_fake(lib + "rope")
@@ -124,15 +122,12 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_bwd_rule(ctx, dout, dlse):
     q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    acc = _acc(q.dtype)
-    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)
-    if dlse is not None:  # d lse / d score = p: a gradient on lse shifts delta
-        delta = delta - dlse.to(acc)
-    dq, dk, dv = _ops().attention_bwd(dout, q, k, v, out, lse, delta.contiguous(), ctx.causal, ctx.scale,
-                                      q_pos, k_pos, q_doc, k_doc)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+    def kernel(dout, delta, _custom_delta):  # the op takes delta: any delta is served
+        return _ops().attention_bwd(dout, q, k, v, out, lse, delta.contiguous(), ctx.causal, ctx.scale,
+                                    q_pos, k_pos, q_doc, k_doc)
+
+    return (*block_vjp(dout, dlse, q, k, v, out, kernel), None, None, None, None, None, None)
 
 
 def _rope_setup(ctx, inputs, output):

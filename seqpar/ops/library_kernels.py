@@ -161,7 +161,7 @@ CUDA_LIBRARY = [
 
 def _flash_attn():
     try:
-        from flash_attn import flash_attn_interface  # optional extra: pip install flash-attn
+        from flash_attn import flash_attn_interface  # deferred: optional extra (flash-attn)
         return flash_attn_interface
     except Exception:  # not installed, or built for another torch: the backend is unavailable
         return None

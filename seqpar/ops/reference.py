@@ -16,11 +16,8 @@ import math
 
 import torch
 
+from .dtypes import accumulate_dtype
 from .masks import block_mask, check_attention_inputs
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def attention_reference(

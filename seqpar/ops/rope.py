@@ -150,12 +150,12 @@ def rope_parameters(config, *, seq_len: int | None = None, device=None):
     `seq_len` matters for 'dynamic' and 'longrope' only: pass the full (unsharded)
     sequence length so every sequence-parallel shard uses one frequency table.
     """
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # deferred: heavy; ops needs it only here
 
     rope_type = _rope_type(config)
     if rope_type == "default" and "default" not in ROPE_INIT_FUNCTIONS:
         # transformers 5 keeps the default formula on the rotary modules.
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # deferred: heavy
         inv_freq, scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     elif rope_type in ROPE_INIT_FUNCTIONS:
         fn = ROPE_INIT_FUNCTIONS[rope_type]

@@ -15,8 +15,8 @@ import math
 
 import torch
 
+from .dtypes import accumulate_dtype
 from .masks import block_mask, check_attention_inputs, split_doc_ids
-from .reference import accumulate_dtype
 
 _MAX_SCORE_ELEMENTS = 1 << 25  # 32M float32 scores (128 MiB) per query chunk
 

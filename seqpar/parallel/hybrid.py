@@ -13,9 +13,9 @@ import torch
 
 from ..errors import SeqparError
 from .kernels import agree_on_kernels
-from .layout import shard_positions
-from .ring import check_ring_inputs, ring_attention
-from .ulysses import gather_doc_ids, heads_to_ranks, heads_to_seq, kv_replication
+from .layout import check_shard_inputs, shard_positions
+from .ring import ring_attention
+from .ulysses import attend_over_heads, kv_replication
 
 
 def ring_order(seq_len: int, mesh, layout: str, device=None) -> torch.Tensor | None:
@@ -42,21 +42,16 @@ def hybrid_attention(q, k, v, mesh, *, causal: bool = True, layout: str = "zigza
     q [b, s_local, hq, d], k/v [b, s_local, hk, d], sharded by `layout` over the SP group
     (SP rank = ring_rank * ulysses_size + ulysses_rank). Returns this rank's output shard.
     """
-    check_ring_inputs(q, k, v, mesh.sp_size, layout, doc_ids)
+    check_shard_inputs(q, k, v, mesh.sp_size, layout, doc_ids)
     seq_len = q.shape[1] * mesh.sp_size
     kv_replication(q.shape[2], k.shape[2], mesh.ulysses_size)
     if layout == "stripe" and mesh.ulysses_size > 1 and mesh.ring_size > 1:
         raise SeqparError("hybrid attention supports layout 'zigzag' or 'contiguous', not 'stripe'.")
     perm = ring_order(seq_len, mesh, layout, q.device)
     agree_on_kernels(q, mesh.sp_group)
-    group = mesh.ulysses_group
-    q_h, k_h, v_h = heads_to_ranks(q, k, v, group)
-    docs = gather_doc_ids(doc_ids, q.shape[0], group) if doc_ids is not None else None
-    if perm is not None:
-        q_h, k_h, v_h = (t.index_select(1, perm) for t in (q_h, k_h, v_h))
-        docs = None if docs is None else docs.index_select(1, perm)
-    out_h = ring_attention(q_h, k_h, v_h, mesh.ring_group, causal=causal, layout=layout,
-                           softmax_scale=softmax_scale, doc_ids=docs)
-    if perm is not None:
-        out_h = out_h.index_select(1, torch.argsort(perm))
-    return heads_to_seq(out_h, group)
+
+    def attend(q_h, k_h, v_h, docs):
+        return ring_attention(q_h, k_h, v_h, mesh.ring_group, causal=causal, layout=layout,
+                              softmax_scale=softmax_scale, doc_ids=docs)
+
+    return attend_over_heads(q, k, v, mesh.ulysses_group, doc_ids, perm, attend)

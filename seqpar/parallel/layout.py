@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SeqparError
+from ..ops.masks import check_attention_inputs
+from .comm import gather_shards
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")
 
@@ -92,11 +94,34 @@ def unshard(x: torch.Tensor, group=None, dim: int = 1, layout: str = "zigzag") -
     rank, world = _group_rank_size(group)
     seq_len = x.shape[dim] * world
     check_layout(seq_len, world, layout)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    parts = gather_shards(x.contiguous(), group)
     full_shape = list(x.shape)
     full_shape[dim] = seq_len
     full = x.new_empty(full_shape)
     for r, part in enumerate(parts):
         full.index_copy_(dim, shard_positions(seq_len, r, world, layout, x.device), part)
     return full
+
+
+def check_shard_inputs(q, k, v, world: int, layout: str, doc_ids=None) -> None:
+    """Checks of one rank's q/k/v (and doc_ids) shards that need no communication."""
+    check_attention_inputs(q, k, v)
+    if q.shape[1] != k.shape[1]:
+        raise SeqparError(
+            f"q and k/v shards must have the same length; got {q.shape[1]} and {k.shape[1]}.")
+    check_layout(q.shape[1] * world, world, layout)
+    if doc_ids is not None and tuple(doc_ids.shape) not in {(q.shape[1],), (q.shape[0], q.shape[1])}:
+        raise SeqparError(
+            f"doc_ids must be this rank's shard, shaped [seq] or [batch, seq] = "
+            f"[{q.shape[0]}, {q.shape[1]}]; got {tuple(doc_ids.shape)}.")
+
+
+def doc_ids_by_rank(doc_ids, batch: int, group, device=None) -> list[torch.Tensor] | None:
+    """Every rank's document ids ([batch, s_local] int64 each), in rank order; None if
+    there are none. They are tiny: one all-gather per attention call."""
+    if doc_ids is None:
+        return None
+    doc_ids = doc_ids.to(device=device or doc_ids.device, dtype=torch.int64)
+    if doc_ids.dim() == 1:
+        doc_ids = doc_ids.unsqueeze(0).expand(batch, -1)
+    return gather_shards(doc_ids.contiguous(), group)

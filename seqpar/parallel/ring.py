@@ -1,20 +1,59 @@
 """Ring attention: exact attention over a sequence sharded across the ranks of a group.
 
-Forward: W steps. At step t rank r holds the K/V block of rank src = r - t, computes its
-queries against it with `seqpar.ops.attention_forward` and merges (out, lse) in float32
-by log-sum-exp, while the next K/V block is already travelling (send to r+1, receive
-from r-1). Backward: the same ring again; dq accumulates locally, while a float32 dK/dV
-buffer travels with the K/V it belongs to, picking up every rank's contribution, and
-one last hop brings it home. No rank ever holds more than one remote K/V block.
+The algorithm (W ranks, rank r):
+
+    out, lse = 0, -inf
+    for step t = 0 .. W-1:                       K/V in hand: rank src = (r - t) mod W's
+        start sending this K/V block to r+1, receiving the next one from r-1
+        for each kernel call planned for (my queries, src's keys):
+            (o, l) = attention_forward(those query rows, those key rows)
+            merge (o, l) into (out, lse) by log-sum-exp, in float32
+        wait: the block from r-1 is the next step's K/V
+
+Backward runs the same ring again. dq accumulates locally; a float32 dK/dV buffer
+travels with the K/V block it belongs to, each rank adds its contribution, and one last
+hop brings it home. No rank ever holds more than one remote K/V block. Both passes use
+the same `RingExchange` (comm.py) through `_ring_steps`.
 
 What travels always has one shape and dtype on every rank (K and V stacked in the input
 dtype; dK/dV stacked in float32), even when a rank skipped its block: gloo pairs
 messages blindly. Every rank issues the same exchanges in the same order.
 
-Causal blocks are planned from the layout's global positions: a (query run, key run)
-pair that is entirely in the future is skipped, one entirely in the past needs no mask,
-and only the pairs that straddle the diagonal are masked by positions. With `zigzag`
-every rank does the same causal work at every step.
+Which blocks are computed (`plan_blocks`). A shard is one or two runs of global tokens
+(`layout.Chunk`). Under a causal mask each (query run, key run) pair is
+- skipped when every key is in the future of every query,
+- computed in full (no mask) when every key is in the past,
+- masked by global positions when the causal diagonal cuts through it.
+A query run that skips nothing makes one call over all keys in hand; when every query
+sees every key, one unmasked call covers the whole block.
+
+Worked example: zigzag, W = 2, 8 tokens, so 4 chunks of 2 tokens. Rank 0 holds chunks
+0 and 3 (tokens 0-1 and 6-7); rank 1 holds chunks 1 and 2 (tokens 2-3 and 4-5).
+What rank 1 computes (its local rows 0-1 are tokens 2-3, rows 2-3 are tokens 4-5):
+
+    step 0, its own K/V (rank 1: tokens 2-3, 4-5)
+      queries 2-3 x keys 2-3   masked  (the diagonal)
+      queries 2-3 x keys 4-5   skipped (all in the future)
+      queries 4-5 x keys 2-5   masked  (one call: 2-3 are in the past, 4-5 the diagonal)
+    step 1, rank 0's K/V (tokens 0-1, 6-7)
+      queries 2-3 x keys 0-1   full    (all in the past)
+      queries 4-5 x keys 0-1   full
+      queries 2-5 x keys 6-7   skipped (all in the future)
+
+At step 1 rank 0 (tokens 0-1, 6-7 against keys 2-5) computes queries 6-7 x keys 2-5 in
+full and skips queries 0-1: both ranks compute 8 of the 16 scores, which is why zigzag
+balances causal work. `plan_blocks` returns exactly this (checked by tests):
+
+    >>> from seqpar.parallel.layout import shard_chunks
+    >>> rank0, rank1 = shard_chunks(8, 0, 2), shard_chunks(8, 1, 2)
+    >>> for call in plan_blocks(rank1, rank1, causal=True): print(call)
+    queries 2-3 x keys 2-3: causal
+    queries 4-5 x keys 2-3+4-5: causal
+    >>> for call in plan_blocks(rank1, rank0, causal=True): print(call)
+    queries 2-3 x keys 0-1: full
+    queries 4-5 x keys 0-1: full
+    >>> for call in plan_blocks(rank0, rank1, causal=True): print(call)
+    queries 6-7 x keys 2-3+4-5: full
 """
 
 from __future__ import annotations
@@ -24,33 +63,64 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import SeqparError
 from ..ops import attention_backward, attention_delta, attention_forward
-from ..ops.masks import check_attention_inputs, classify_mask
-from ..ops.reference import accumulate_dtype
-from .comm import TAG_DKV, TAG_KV, all_gather, ring_exchange, wait_all
+from ..ops.dtypes import accumulate_dtype
+from ..ops.masks import classify_mask
+from .comm import TAG_DKV, TAG_KV, RingExchange
 from .kernels import agree_on_kernels
-from .layout import Chunk, check_layout, shard_chunks
+from .layout import Chunk, check_shard_inputs, doc_ids_by_rank, shard_chunks
+
+FULL, CAUSAL = "full", "causal"  # BlockCall.mask: every query sees every key / mask by positions
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Rows:
+    """Consecutive local rows of a shard, as the runs of global tokens they hold."""
+
+    runs: tuple[Chunk, ...]
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.runs[0].start, self.runs[-1].stop)
+
+    def positions(self, device=None) -> torch.Tensor:
+        return torch.cat([c.positions(device) for c in self.runs])
+
+    def __len__(self) -> int:
+        return self.runs[-1].stop - self.runs[0].start
+
+    def __str__(self) -> str:
+        return "+".join(f"{c.first}-{c.last}" if c.step == 1 else f"{c.first}-{c.last}/{c.step}"
+                        for c in self.runs)
 
 
 @dataclass(frozen=True)
-class BlockTask:
-    """One local kernel call: query rows [q_start, q_stop) against key rows [k_start, k_stop)
-    of the current K/V block; `masked` when the causal mask cuts through it."""
+class BlockCall:
+    """One local kernel call: query rows `q_rows` against key rows `k_rows` of the K/V
+    block in hand; `mask` is FULL (no mask) or CAUSAL (masked by global positions)."""
 
-    q: Chunk
-    k: Chunk
-    masked: bool
+    q_rows: Rows
+    k_rows: Rows
+    mask: str
+
+    @property
+    def masked(self) -> bool:
+        return self.mask == CAUSAL
+
+    def __str__(self) -> str:
+        return f"queries {self.q_rows} x keys {self.k_rows}: {self.mask}"
 
 
 def _pair_kind(qc: Chunk, kc: Chunk, causal: bool) -> str:
     if not causal:
-        return "full"
+        return FULL
     if kc.first > qc.last:
         return "skip"
     if kc.last <= qc.first:
-        return "full"
-    return "masked"
+        return FULL
+    return CAUSAL
 
 
 def _docs_disjoint(q_doc, k_doc, qc: Chunk, kc: Chunk) -> bool:
@@ -60,26 +130,76 @@ def _docs_disjoint(q_doc, k_doc, qc: Chunk, kc: Chunk) -> bool:
     return bool(((kd.amax(1) < qd.amin(1)) | (kd.amin(1) > qd.amax(1))).all())
 
 
-def plan_blocks(q_chunks, k_chunks, causal: bool, q_doc=None, k_doc=None) -> list[BlockTask]:
-    """Kernel calls needed for one (local queries, remote keys) block, fewest first."""
-    per_q = []
+def plan_blocks(q_chunks, k_chunks, causal: bool, q_doc=None, k_doc=None) -> list[BlockCall]:
+    """Kernel calls needed for one (local queries, K/V block) pair, fewest first (see the
+    module doc). `q_doc`/`k_doc` ([b, s_local]) also skip pairs sharing no document."""
+    all_keys = Rows(tuple(k_chunks))
+    calls = []
     for qc in q_chunks:
         kinds = ["skip" if _docs_disjoint(q_doc, k_doc, qc, kc) else _pair_kind(qc, kc, causal)
                  for kc in k_chunks]
         if "skip" not in kinds:  # one call over all keys
-            per_q.append([(qc, None, "masked" in kinds)])
+            calls.append(BlockCall(Rows((qc,)), all_keys, CAUSAL if CAUSAL in kinds else FULL))
         else:
-            per_q.append([(qc, kc, kind == "masked") for kc, kind in zip(k_chunks, kinds) if kind != "skip"])
-    if all(t == [(qc, None, False)] for t, qc in zip(per_q, q_chunks)):
-        return [BlockTask(None, None, False)]  # every query sees every key: one unmasked call
-    return [BlockTask(qc, kc, masked) for tasks in per_q for qc, kc, masked in tasks]
+            calls += [BlockCall(Rows((qc,)), Rows((kc,)), kind)
+                      for kc, kind in zip(k_chunks, kinds) if kind != "skip"]
+    whole = len(calls) == len(q_chunks) and all(c.k_rows == all_keys and not c.masked for c in calls)
+    if whole and len(calls) > 1:  # every query sees every key: one unmasked call
+        return [BlockCall(Rows(tuple(q_chunks)), all_keys, FULL)]
+    return calls
 
 
-def _rows(chunk: Chunk | None, chunks: list[Chunk], device):
-    """(row slice, global positions) of a task side; None means the whole shard."""
-    if chunk is None:
-        return slice(chunks[0].start, chunks[-1].stop), torch.cat([c.positions(device) for c in chunks])
-    return slice(chunk.start, chunk.stop), chunk.positions(device)
+@dataclass(frozen=True)
+class _Kernel:
+    """A BlockCall made concrete: row slices and the keywords of attention_forward/backward."""
+
+    q: slice
+    k: slice
+    mask: dict
+
+
+def _kernel(call: BlockCall, softmax_scale, device, docs) -> _Kernel:
+    """`docs`: (this rank's doc ids, the K/V owner's) [b, s_local], or None."""
+    q_rows, k_rows = call.q_rows.rows, call.k_rows.rows
+    mask = dict(causal=call.masked, softmax_scale=softmax_scale)
+    if call.masked:
+        mask.update(q_positions=call.q_rows.positions(device), k_positions=call.k_rows.positions(device))
+    if docs is not None:
+        mask["doc_ids"] = (docs[0][:, q_rows], docs[1][:, k_rows])
+    # Classified on host-side positions (the chunks), so no device sync per block.
+    host = (call.q_rows.positions(), call.k_rows.positions()) if call.masked else (None, None)
+    mask["mask_kind"] = classify_mask(len(call.q_rows), len(call.k_rows), causal=call.masked,
+                                      q_positions=host[0], k_positions=host[1], doc_ids=mask.get("doc_ids"))
+    return _Kernel(q_rows, k_rows, mask)
+
+
+def _plan_kernels(q, group, causal, layout, softmax_scale, doc_ids) -> list[list[_Kernel]]:
+    """For each source rank, the kernel calls of (this rank's queries, its K/V block)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    chunks = [shard_chunks(q.shape[1] * world, r, world, layout) for r in range(world)]
+    docs = doc_ids_by_rank(doc_ids, q.shape[0], group, q.device)
+    kernels = []
+    for src in range(world):
+        pair = None if docs is None else (docs[rank], docs[src])
+        calls = plan_blocks(chunks[rank], chunks[src], causal, *(pair or (None, None)))
+        kernels.append([_kernel(c, softmax_scale, q.device, pair) for c in calls])
+    return kernels
+
+
+# ---------------------------------------------------------------- the ring
+
+def _ring_steps(kv: torch.Tensor, group):
+    """Yield (src, K/V block of rank src) for the W steps of the ring, starting with this
+    rank's own block. While the caller works on one block the next is travelling."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ring = RingExchange(group, TAG_KV)
+    for step in range(world):
+        last = step == world - 1
+        if not last:
+            ring.start(kv)
+        yield (rank - step) % world, kv
+        if not last:
+            kv = ring.finish()
 
 
 def _merge(out_acc, lse_acc, out_blk, lse_blk) -> None:
@@ -99,129 +219,46 @@ def _merge(out_acc, lse_acc, out_blk, lse_blk) -> None:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, layout, softmax_scale, doc_ids):
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        s_local = q.shape[1]
-        seq_len = s_local * world
-        chunks = [shard_chunks(seq_len, r, world, layout) for r in range(world)]
-        all_docs = _gather_doc_ids(doc_ids, q, group, world)
-        plans = [plan_blocks(chunks[rank], chunks[src], causal,
-                             None if all_docs is None else all_docs[rank],
-                             None if all_docs is None else all_docs[src]) for src in range(world)]
-
+        kernels = _plan_kernels(q, group, causal, layout, softmax_scale, doc_ids)
         acc = accumulate_dtype(q.dtype)
         out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
-        lse_acc = torch.full((q.shape[0], q.shape[2], s_local), float("-inf"), dtype=acc, device=q.device)
-        kv = torch.stack([k, v])
-        for step in range(world):
-            src = (rank - step) % world
-            if step < world - 1:
-                kv_next = torch.empty_like(kv)
-                reqs = ring_exchange(kv, kv_next, group, TAG_KV)
-            for task, kw in _task_args(plans[src], chunks[rank], chunks[src], causal, softmax_scale,
-                                        all_docs, rank, src, q.device):
-                out_blk, lse_blk = attention_forward(q[:, kw["q_rows"]], kv[0][:, kw["k_rows"]],
-                                                     kv[1][:, kw["k_rows"]], **kw["mask"])
-                _merge(out_acc[:, kw["q_rows"]], lse_acc[:, :, kw["q_rows"]], out_blk, lse_blk)
-            if step < world - 1:
-                wait_all(reqs)
-                kv = kv_next
-
+        lse_acc = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        for src, kv in _ring_steps(torch.stack([k, v]), group):
+            for call in kernels[src]:
+                out_blk, lse_blk = attention_forward(q[:, call.q], kv[0][:, call.k], kv[1][:, call.k],
+                                                     **call.mask)
+                _merge(out_acc[:, call.q], lse_acc[:, :, call.q], out_blk, lse_blk)
         out = out_acc.to(q.dtype)
         lse = lse_acc.float() if q.dtype != torch.float64 else lse_acc
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (group, causal, softmax_scale, chunks, plans, all_docs)
+        ctx.group, ctx.kernels = group, kernels
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, causal, softmax_scale, chunks, plans, all_docs = ctx.meta
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
         acc = accumulate_dtype(q.dtype)
         delta = attention_delta(dout, out)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv = torch.stack([k, v])
-        dkv = dkv_reqs = dkv_in = None
-        for step in range(world):
-            src = (rank - step) % world
-            if step < world - 1:
-                kv_next = torch.empty_like(kv)
-                kv_reqs = ring_exchange(kv, kv_next, group, TAG_KV)
-            block_dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
-            for task, kw in _task_args(plans[src], chunks[rank], chunks[src], causal, softmax_scale,
-                                        all_docs, rank, src, q.device):
-                qr, kr = kw["q_rows"], kw["k_rows"]
+        dkv_ring = RingExchange(ctx.group, TAG_DKV)
+        for step, (src, kv) in enumerate(_ring_steps(torch.stack([k, v]), ctx.group)):
+            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+            for call in ctx.kernels[src]:
+                qr, kr = call.q, call.k
                 dq_blk, dk_blk, dv_blk = attention_backward(
                     dout[:, qr], q[:, qr], kv[0][:, kr], kv[1][:, kr], out[:, qr], lse[:, :, qr],
-                    delta=delta[:, :, qr], **kw["mask"])
+                    delta=delta[:, :, qr], **call.mask)
                 dq[:, qr] += dq_blk
-                block_dkv[0][:, kr] += dk_blk
-                block_dkv[1][:, kr] += dv_blk
-            # The dK/dV buffer for `src` arrived from rank r-1 while we computed; add ours
-            # and pass it on. After the last step it lands on its owner.
-            if dkv_reqs is not None:
-                wait_all(dkv_reqs)
-                block_dkv += dkv_in
-            dkv = block_dkv
-            if world == 1:
-                dkv_in = dkv  # nothing travels: our own block is the whole sequence
-                continue
-            dkv_in = torch.empty_like(dkv)
-            dkv_reqs = ring_exchange(dkv, dkv_in, group, TAG_DKV)
-            if step < world - 1:
-                wait_all(kv_reqs)
-                kv = kv_next
-        wait_all(dkv_reqs)
-        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype),
-                None, None, None, None, None)
-
-
-def _task_args(tasks, q_chunks, k_chunks, causal, softmax_scale, all_docs, rank, src, device):
-    """Slices and mask keywords of each planned kernel call."""
-    for task in tasks:
-        q_rows, q_pos = _rows(task.q, q_chunks, device)
-        k_rows, k_pos = _rows(task.k, k_chunks, device)
-        mask = dict(causal=task.masked, softmax_scale=softmax_scale)
-        if task.masked:
-            mask.update(q_positions=q_pos, k_positions=k_pos)
-        if all_docs is not None:
-            mask["doc_ids"] = (all_docs[rank][:, q_rows], all_docs[src][:, k_rows])
-        # Classified on host-side positions (the chunks), so no device sync per block.
-        mask["mask_kind"] = classify_mask(
-            q_pos.numel(), k_pos.numel(), causal=task.masked,
-            q_positions=_rows(task.q, q_chunks, "cpu")[1] if task.masked else None,
-            k_positions=_rows(task.k, k_chunks, "cpu")[1] if task.masked else None,
-            doc_ids=mask.get("doc_ids"))
-        yield task, dict(q_rows=q_rows, k_rows=k_rows, mask=mask)
-
-
-def _gather_doc_ids(doc_ids, q, group, world):
-    """Every rank's document ids ([b, s_local] each), gathered once per call: they are
-    tiny, and knowing them lets blocks with no shared document be skipped."""
-    if doc_ids is None:
-        return None
-    doc_ids = doc_ids.to(device=q.device, dtype=torch.int64)
-    if doc_ids.dim() == 1:
-        doc_ids = doc_ids.unsqueeze(0).expand(q.shape[0], -1)
-    if world == 1:
-        return [doc_ids]
-    parts = [torch.empty_like(doc_ids) for _ in range(world)]
-    all_gather(parts, doc_ids.contiguous(), group)
-    return parts
-
-
-def check_ring_inputs(q, k, v, world: int, layout: str, doc_ids=None) -> None:
-    """Shape checks every rank can do alone, before any communication."""
-    check_attention_inputs(q, k, v)
-    if q.shape[1] != k.shape[1]:
-        raise SeqparError(
-            f"q and k/v shards must have the same length; got {q.shape[1]} and {k.shape[1]}.")
-    check_layout(q.shape[1] * world, world, layout)
-    if doc_ids is not None and tuple(doc_ids.shape) not in {(q.shape[1],), (q.shape[0], q.shape[1])}:
-        raise SeqparError(
-            f"doc_ids must be this rank's shard, shaped [seq] or [batch, seq] = "
-            f"[{q.shape[0]}, {q.shape[1]}]; got {tuple(doc_ids.shape)}.")
+                dkv[0][:, kr] += dk_blk
+                dkv[1][:, kr] += dv_blk
+            # The dK/dV buffer of block `src` arrived from rank r-1 while we computed; add
+            # ours and pass it on. After the last step it lands on its owner.
+            if step > 0:
+                dkv += dkv_ring.finish()
+            dkv_ring.start(dkv)
+        dkv = dkv_ring.finish()
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "zigzag",
@@ -236,7 +273,7 @@ def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "z
     forward and backward equal single-device attention on the unsharded tensors.
     """
     world = dist.get_world_size(group)
-    check_ring_inputs(q, k, v, world, layout, doc_ids)
+    check_shard_inputs(q, k, v, world, layout, doc_ids)
     agree_on_kernels(q, group)
     out, lse = _RingAttention.apply(q, k, v, group, causal, layout, softmax_scale, doc_ids)
     return (out, lse) if return_lse else out

@@ -18,61 +18,42 @@ import torch.distributed as dist
 
 from ..errors import SeqparError
 from ..ops import attention
-from ..ops.masks import check_attention_inputs
-from .comm import all_gather, all_to_all
+from .comm import all_to_all
 from .kernels import agree_on_kernels
-from .layout import check_layout, shard_positions
+from .layout import check_shard_inputs, doc_ids_by_rank, shard_positions
 
 
-def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """[b, s, h, d] sequence shard -> [b, P*s, h/P, d] head shard (shards in rank order)."""
-    world = dist.get_world_size(group)
-    b, s, h, d = x.shape
-    send = x.reshape(b, s, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Cut `x` into P pieces along `scatter_dim`, send piece j to rank j, and concatenate
+    the pieces received along `gather_dim`, in rank order."""
+    send = torch.stack(x.chunk(dist.get_world_size(group), dim=scatter_dim))
     recv = torch.empty_like(send)
     all_to_all(recv, send, group)
-    return recv.permute(1, 0, 2, 3, 4).reshape(b, world * s, h // world, d)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
-def _heads_to_seq(y: torch.Tensor, group) -> torch.Tensor:
-    """Inverse of `_seq_to_heads`: [b, P*s, h/P, d] -> [b, s, h, d]."""
-    world = dist.get_world_size(group)
-    b, total, hp, d = y.shape
-    s = total // world
-    send = y.reshape(b, world, s, hp, d).permute(1, 0, 2, 3, 4).contiguous()
-    recv = torch.empty_like(send)
-    all_to_all(recv, send, group)
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, s, world * hp, d)
+class _AllToAll(torch.autograd.Function):
+    """Differentiable `_all_to_all`: its adjoint is the same exchange with the two dims
+    swapped (what was scattered is gathered back, and vice versa)."""
 
-
-class _SeqToHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.args = (group, gather_dim, scatter_dim)
+        return _all_to_all(x, group, scatter_dim, gather_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group):
-        ctx.group = group
-        return _heads_to_seq(y, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return _all_to_all(grad, *ctx.args), None, None, None
 
 
 def seq_to_heads(x, group):
-    return x if dist.get_world_size(group) == 1 else _SeqToHeads.apply(x, group)
+    """[b, s, h, d] sequence shard -> [b, P*s, h/P, d] head shard (shards in rank order)."""
+    return x if dist.get_world_size(group) == 1 else _AllToAll.apply(x, group, 2, 1)
 
 
 def heads_to_seq(y, group):
-    return y if dist.get_world_size(group) == 1 else _HeadsToSeq.apply(y, group)
+    """Inverse of `seq_to_heads`: [b, P*s, h/P, d] -> [b, s, h, d]."""
+    return y if dist.get_world_size(group) == 1 else _AllToAll.apply(y, group, 1, 2)
 
 
 def kv_replication(q_heads: int, kv_heads: int, world: int) -> int:
@@ -105,29 +86,13 @@ def heads_to_ranks(q, k, v, group):
 
 def gather_doc_ids(doc_ids, batch: int, group):
     """This group's document ids in the order `seq_to_heads` concatenates shards."""
-    if doc_ids is None:
-        return None
-    doc_ids = doc_ids.to(torch.int64)
-    if doc_ids.dim() == 1:
-        doc_ids = doc_ids.unsqueeze(0).expand(batch, -1)
-    world = dist.get_world_size(group)
-    if world == 1:
-        return doc_ids
-    parts = [torch.empty_like(doc_ids) for _ in range(world)]
-    all_gather(parts, doc_ids.contiguous(), group)
-    return torch.cat(parts, dim=1)
+    parts = doc_ids_by_rank(doc_ids, batch, group)
+    return None if parts is None else torch.cat(parts, dim=1)
 
 
 def check_ulysses_inputs(q, k, v, world: int, layout: str, doc_ids=None) -> None:
-    check_attention_inputs(q, k, v)
-    if q.shape[1] != k.shape[1]:
-        raise SeqparError(f"q and k/v shards must have the same length; got {q.shape[1]} and {k.shape[1]}.")
-    check_layout(q.shape[1] * world, world, layout)
+    check_shard_inputs(q, k, v, world, layout, doc_ids)
     kv_replication(q.shape[2], k.shape[2], world)
-    if doc_ids is not None and tuple(doc_ids.shape) not in {(q.shape[1],), (q.shape[0], q.shape[1])}:
-        raise SeqparError(
-            f"doc_ids must be this rank's shard, shaped [seq] or [batch, seq] = "
-            f"[{q.shape[0]}, {q.shape[1]}]; got {tuple(doc_ids.shape)}.")
 
 
 def ulysses_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "zigzag",
@@ -139,17 +104,27 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = True, layout: str =
     """
     world = dist.get_world_size(group)
     check_ulysses_inputs(q, k, v, world, layout, doc_ids)
-    seq_len = q.shape[1] * world
     agree_on_kernels(q, group)
-    q_h, k_h, v_h = heads_to_ranks(q, k, v, group)
-    docs = gather_doc_ids(doc_ids, q.shape[0], group)
     # After the all-to-all, tokens sit in rank order. Putting them back in sequence order
     # makes the causal mask the plain diagonal, which the library kernels serve.
-    order = sequence_order(seq_len, world, layout, q.device)
+    order = sequence_order(q.shape[1] * world, world, layout, q.device)
+
+    def attend(q_h, k_h, v_h, docs):
+        return attention(q_h, k_h, v_h, causal=causal, softmax_scale=softmax_scale, doc_ids=docs)[0]
+
+    return attend_over_heads(q, k, v, group, doc_ids, order, attend)
+
+
+def attend_over_heads(q, k, v, group, doc_ids, order, attend):
+    """Ulysses around any attention: trade the sequence shard for a head shard, put the
+    gathered tokens in `order` (None: as gathered), run `attend(q, k, v, doc_ids)` on
+    them, and trade back. Returns this rank's output shard."""
+    q_h, k_h, v_h = heads_to_ranks(q, k, v, group)
+    docs = gather_doc_ids(doc_ids, q.shape[0], group)
     if order is not None:
         q_h, k_h, v_h = (t.index_select(1, order) for t in (q_h, k_h, v_h))
         docs = None if docs is None else docs.index_select(1, order)
-    out_h, _ = attention(q_h, k_h, v_h, causal=causal, softmax_scale=softmax_scale, doc_ids=docs)
+    out_h = attend(q_h, k_h, v_h, docs)
     if order is not None:
         out_h = out_h.index_select(1, torch.argsort(order))
     return heads_to_seq(out_h, group)
