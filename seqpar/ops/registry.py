@@ -245,7 +245,7 @@ def served_summary(device_type: str | None = None) -> dict:
 def plan_summary(device, dtype, head_dim) -> str:
     """Which backend would serve each mask kind, e.g. 'flash: none,causal | seqpar: documents,...'.
     Bottom-right blocks are left out: the dispatcher runs them as an unmasked plus a
-    top-left block whenever another kernel serves those (`attention._split_keys`)."""
+    top-left block whenever another kernel serves those (`rewrites._split_keys`)."""
     by_backend: dict[str, list[str]] = {}
     for kind in (k for k in SELF_TEST_KINDS if k != BOTTOM_RIGHT):
         name = select(device, dtype, head_dim, kind).name
