@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..parallel.comm import all_reduce
+
 DYNAMIC_TYPES = ("dynamic",)
 
 
@@ -40,7 +42,7 @@ def use_global_dynamic_rope(model, sp_group) -> int:
         def forward(x, position_ids, *args, _module=module, _decorated=decorated, _raw=raw, **kwargs):
             longest = position_ids.max().reshape(1).to(torch.int64)
             if sp_group is not None and dist.get_world_size(sp_group) > 1:
-                dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=sp_group)
+                all_reduce(longest, sp_group, op=dist.ReduceOp.MAX)
             # transformers' update, on the global length (the cos/sin of this call are dropped)
             _decorated(_module, x, longest.reshape(1, 1).to(position_ids.device), *args, **kwargs)
             return _raw(_module, x, position_ids, *args, **kwargs)
