@@ -130,7 +130,7 @@ def test_cuda_unavailable_names_the_fix(monkeypatch):
     (dict(heads=3, kv_heads=2), "--heads 3 must be a multiple of --kv-heads 2"),
     (dict(ops="rope,matmul"), "--ops 'rope,matmul'"),
     (dict(head_dim=33), "--head-dim 33 must be even"),
-    (dict(seq_lens="4k,x"), "cannot read length 'x'"),
+    (dict(seq_lens="4k,x"), "cannot read token count 'x'"),
     (dict(iters=0), "--iters must be an integer >= 1"),
     (dict(dtype="int8"), "--dtype 'int8' is not supported"),
 ])

@@ -23,7 +23,8 @@ from seqpar.cli import main as seqpar_main
 from seqpar.data import ByteTokenizer, load_tokenizer
 from seqpar.eval.passkey import NEEDLE, build_prompt, evaluate_passkey, random_key
 from seqpar.eval.perplexity import evaluate_perplexity
-from seqpar.eval.runner import format_length, load_model, parse_length, parse_lengths
+from seqpar.eval.runner import load_model
+from seqpar.units import format_tokens, parse_token_list, parse_tokens
 from seqpar.parallel import init_mesh
 
 from .distributed import run_distributed
@@ -263,11 +264,13 @@ def test_passkey_scores_a_copying_model_perfectly():
 
 
 def test_length_parsing():
-    assert parse_length("4096") == 4096 and parse_length("1k") == 1024 and parse_length("32K") == 32768
-    assert parse_length("1m") == 1 << 20 and parse_length("1.5k") == 1536 and parse_length(" 2K ") == 2048
-    assert parse_lengths("4k,1k,2k,1K") == [1024, 2048, 4096]
-    assert parse_lengths(["128", 64]) == [64, 128]
-    for bad in ("", "k", "1.3k", "1x", "-5", "1"):
+    assert parse_tokens("4096") == 4096 and parse_tokens("1k") == 1024 and parse_tokens("32K") == 32768
+    assert parse_tokens("1m") == 1 << 20 and parse_tokens("1.5k") == 1536 and parse_tokens(" 2K ") == 2048
+    assert parse_token_list("4k,1k,2k,1K") == [1024, 2048, 4096]
+    assert parse_token_list(["128", 64]) == [64, 128]
+    assert parse_tokens("3.7m") == round(3.7 * (1 << 20)) and parse_tokens("1.3k") == 1331  # nearest token
+    assert parse_tokens(".5k") == 512 and parse_tokens(4096) == 4096
+    for bad in ("", "k", "1x", "-5", "1", "1.5.2k", "3.7 mb"):
         with pytest.raises(SeqparError):
-            parse_lengths(bad)
-    assert [format_length(n) for n in (1024, 3 << 20, 1000, 1536)] == ["1K", "3M", "1000", "1536"]
+            parse_token_list(bad)
+    assert [format_tokens(n) for n in (1024, 3 << 20, 1000, 1536)] == ["1K", "3M", "1000", "1536"]

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from seqpar.cli import main
 from seqpar.errors import SeqparError
 from seqpar.parallel.spawn import run_distributed
-from seqpar.plan.cli import max_seq_len, parse_bytes, parse_tokens
+from seqpar.plan.cli import max_seq_len
+from seqpar.units import parse_bytes, parse_tokens
 from seqpar.plan.memory import DS_REDUCE_BUCKET, ModelShape, RunShape, estimate, saved_per_layer_token
 
 TINY = "configs/models/tiny_llama.json"
@@ -138,11 +139,11 @@ def test_plan_cli_prints_every_choice(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--gpu-mem", "80XB"], "cannot read memory size '80XB'"),
-    (["--seq-len", "12q"], "cannot read sequence length '12q'"),
+    (["--seq-len", "12q"], "cannot read token count '12q'"),
     (["--sp-size", "3"], "--sp-size 3 must divide --gpus 8"),
     (["--zero", "4"], "stages are 0, 1, 2, 3"),
     (["--model", "/nonexistent/config.json"], "cannot read a model config"),
-    (["--seq-len", "0"], "--seq-len must be at least 1 token"),
+    (["--seq-len", "0"], "token count '0' must be at least 2"),
     (["--gpu-mem", "0GiB"], "--gpu-mem must be more than 0 bytes"),
     (["--seq-len", "7"], "no SP size fits"),
 ])

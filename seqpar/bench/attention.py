@@ -34,12 +34,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import SeqparError
+from ..units import MIB
 
 ALGOS = ("ring", "ulysses", "hybrid")
 SINGLE = "single"  # the world-size-1 baseline row
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
-MIB = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def resolve_config(device=None, seq_lens=None, batch=1, heads=None, kv_heads=Non
     """Fill per-device defaults and validate; raise SeqparError naming the flag to change."""
     import torch
 
-    from ..eval.runner import parse_length
+    from ..units import parse_tokens
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in DEFAULTS:
@@ -75,7 +75,7 @@ def resolve_config(device=None, seq_lens=None, batch=1, heads=None, kv_heads=Non
     cfg = {key: DEFAULTS[device][key] if value is None else value for key, value in given.items()}
     text = cfg["seq_lens"]
     items = [t for t in (text.split(",") if isinstance(text, str) else text) if str(t).strip()]
-    cfg.update(device=device, seq_lens=[parse_length(t) for t in items], batch=batch,
+    cfg.update(device=device, seq_lens=[parse_tokens(t) for t in items], batch=batch,
                kv_heads=cfg["heads"] if kv_heads is None else kv_heads, compile=bool(compile), seed=seed)
     op_list = ops.split(",") if isinstance(ops, str) else list(ops)
     cfg["ops"] = [o.strip() for o in op_list if o.strip()]

@@ -28,10 +28,10 @@ import resource
 import sys
 import time
 
-from .attention import MIB, PeakMemory
+from ..units import GIB, MIB
+from .attention import PeakMemory
 
 PATHS = ("transformers", "seqpar tiled")
-GIB = 1 << 30
 
 
 def _vm_size_bytes() -> int:

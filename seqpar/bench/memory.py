@@ -29,7 +29,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from .attention import MIB, PeakMemory
+from ..units import MIB
+from .attention import PeakMemory
 
 VARIANTS = ("transformers", "seqpar", "+ckpt", "+tiled-mlp", "+tiled-layer", "+offload")
 

@@ -10,7 +10,7 @@ Command line: `seqpar eval ppl ...` and `seqpar eval passkey ...` (seqpar/eval/c
 Submodules are imported lazily: `seqpar --help` must not pay for torch.
 """
 
-__all__ = ["evaluate_passkey", "evaluate_perplexity", "parse_lengths", "run_evals"]
+__all__ = ["evaluate_passkey", "evaluate_perplexity", "run_evals"]
 
 
 def __getattr__(name):
@@ -20,9 +20,6 @@ def __getattr__(name):
     if name == "evaluate_passkey":
         from .passkey import evaluate_passkey
         return evaluate_passkey
-    if name == "parse_lengths":
-        from .runner import parse_lengths
-        return parse_lengths
     if name == "run_evals":
         from .cli import run_evals
         return run_evals

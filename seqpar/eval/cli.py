@@ -204,11 +204,11 @@ def _unique_labels(results: list[dict]) -> None:
 # ----------------------------------------------------------------------------- commands
 
 def _options(args, lengths: list[int]) -> dict:
-    from .runner import parse_length
+    from ..units import parse_tokens
 
     rope = None
     if args.rope_method:
-        target = parse_length(args.rope_target) if args.rope_target else max(lengths)
+        target = parse_tokens(args.rope_target) if args.rope_target else max(lengths)
         rope = {"target_len": target, "method": args.rope_method, "factor": args.rope_factor,
                 "rope_theta": args.rope_theta, "original_max_position_embeddings": args.rope_original_length}
     elif any(v is not None for v in (args.rope_factor, args.rope_theta, args.rope_original_length,
@@ -251,7 +251,8 @@ def _describe(result: dict, args, opts: dict) -> dict:
 
 def run_ppl_command(args) -> int:
     from .perplexity import markdown
-    from .runner import launch, parse_lengths
+    from ..units import parse_token_list
+    from .runner import launch
 
     compare = [load_result(p, "ppl") for p in args.compare or []]
     if args.model is None:
@@ -262,7 +263,7 @@ def run_ppl_command(args) -> int:
     else:
         if not args.lengths:
             raise SeqparError("--lengths is required with --model, e.g. --lengths 1k,2k,4k.")
-        opts = _options(args, parse_lengths(args.lengths))
+        opts = _options(args, parse_token_list(args.lengths))
         multiple = args.sp_size * (2 if args.layout == "zigzag" else 1)
         if any(n % multiple for n in opts["lengths"]):  # before any rank starts
             raise SeqparError(f"every --lengths value must be a multiple of {multiple} ({args.layout} layout over "
@@ -288,9 +289,10 @@ def run_ppl_command(args) -> int:
 
 def run_passkey_command(args) -> int:
     from .passkey import markdown
-    from .runner import launch, parse_lengths
+    from ..units import parse_token_list
+    from .runner import launch
 
-    opts = _options(args, parse_lengths(args.lengths))
+    opts = _options(args, parse_token_list(args.lengths))
     try:
         depths = [float(d) for d in args.depths.split(",") if d.strip()]
     except ValueError:
@@ -321,7 +323,8 @@ def run_evals(model_dir, eval_cfg: dict, *, mesh=None, log=_log) -> dict:
     from ..data import load_tokenizer
     from .passkey import evaluate_passkey
     from .perplexity import evaluate_perplexity
-    from .runner import load_model, parse_lengths
+    from ..units import parse_token_list
+    from .runner import load_model
 
     cfg = dict(eval_cfg)
     out = Path(cfg.get("out") or Path(model_dir) / "eval")
@@ -333,7 +336,7 @@ def run_evals(model_dir, eval_cfg: dict, *, mesh=None, log=_log) -> dict:
     if cfg.get("ppl"):
         p = cfg["ppl"]
         data = p["data"] if isinstance(p["data"], dict) else vars(p["data"])
-        results["ppl"] = dict(evaluate_perplexity(model, tokenizer, data, parse_lengths(p["lengths"]),
+        results["ppl"] = dict(evaluate_perplexity(model, tokenizer, data, parse_token_list(p["lengths"]),
                                                   num_sequences=p.get("num_sequences", 8),
                                                   buckets=p.get("buckets", 8), stride=p.get("stride"),
                                                   windows=p.get("windows", 1), **kw),
@@ -343,7 +346,7 @@ def run_evals(model_dir, eval_cfg: dict, *, mesh=None, log=_log) -> dict:
     if cfg.get("passkey"):
         p = cfg["passkey"]
         depths = p.get("depths", [0, 0.25, 0.5, 0.75, 1])
-        results["passkey"] = dict(evaluate_passkey(model, tokenizer, parse_lengths(p["lengths"]), depths,
+        results["passkey"] = dict(evaluate_passkey(model, tokenizer, parse_token_list(p["lengths"]), depths,
                                                    trials=p.get("trials", 5), seed=p.get("seed", 0), **kw),
                                   label=label, model=str(Path(model_dir).resolve()))
         if _is_writer():

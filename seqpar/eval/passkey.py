@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SeqparError
-from .runner import ShardedLM, format_length
+from ..units import format_tokens
+from .runner import ShardedLM
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -160,7 +161,7 @@ def evaluate_passkey(model, tokenizer, lengths, depths, *, trials: int = 5, seed
                           "trials": trials, "samples": samples})
             grid[-1].append(correct / trials)
         if log is not None and lm.is_writer:
-            log(f"passkey @ {format_length(n)}: accuracy by depth "
+            log(f"passkey @ {format_tokens(n)}: accuracy by depth "
                 + " ".join(f"{d:g}:{a:.2f}" for d, a in zip(depths, grid[-1])))
     if log is not None and lm.is_writer:
         log(f"passkey: {len(jobs)} trials in {time.perf_counter() - start:.1f} s")
@@ -175,5 +176,5 @@ def markdown(result: dict) -> str:
     lines = [f"{result.get('label', 'model')}: passkey accuracy ({result['trials']} trials per cell)",
              "| length | " + " | ".join(f"depth {d:g}" for d in depths) + " |", "|---:|" + "---:|" * len(depths)]
     for n, row in zip(result["lengths"], result["accuracy"]):
-        lines.append(f"| {format_length(n)} | " + " | ".join(f"{a:.2f}" for a in row) + " |")
+        lines.append(f"| {format_tokens(n)} | " + " | ".join(f"{a:.2f}" for a in row) + " |")
     return "\n".join(lines)

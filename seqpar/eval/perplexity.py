@@ -38,7 +38,8 @@ import time
 import torch
 
 from ..errors import SeqparError
-from .runner import ShardedLM, format_length
+from ..units import format_tokens
+from .runner import ShardedLM
 
 IGNORE_INDEX = -100
 BATCH_TOKENS = 16384  # windows per forward pass (unsharded): at most this many tokens
@@ -58,7 +59,7 @@ def eval_sequences(data_cfg, tokenizer, length: int, num_sequences: int) -> torc
         if "fewer than one sequence" not in str(err):
             raise
         raise SeqparError(f"the evaluation data has fewer than {length} tokens, one evaluation sequence "
-                          f"({format_length(length)}); add --data sources, raise --max-documents or drop "
+                          f"({format_tokens(length)}); add --data sources, raise --max-documents or drop "
                           "the longest length.") from None
     n = min(num_sequences, len(ds))
     return ds.get_batch(range(n))["input_ids"]
@@ -156,7 +157,7 @@ def evaluate_perplexity(model, tokenizer, data_cfg, lengths, *, mesh=None, layou
                                    **_summary(totals[0, b].item(), int(totals[1, b].item()))})
         results.append(row)
         if log is not None and lm.is_writer:
-            log(f"ppl @ {format_length(length)}: nll {row['nll']:.4f}  ppl {row['ppl']:.3f}  ({row['tokens']} "
+            log(f"ppl @ {format_tokens(length)}: nll {row['nll']:.4f}  ppl {row['ppl']:.3f}  ({row['tokens']} "
                 f"scored tokens, context {length - stride}-{length - 1}, {len(wins)} windows, "
                 f"{time.perf_counter() - start:.1f} s)")
     return {"eval": "ppl", "protocol": "same-tokens", "sp_size": lm.sp_size,
@@ -176,12 +177,12 @@ def markdown(results: list[dict]) -> str:
     for n in lengths:
         cells = [f"{b[n]['ppl']:.3f}" if n in b else "-" for b in by]
         tokens = "/".join(sorted({str(b[n]["tokens"]) for b in by if n in b}))
-        lines.append(f"| {format_length(n)} | {tokens} | " + " | ".join(cells) + " |")
+        lines.append(f"| {format_tokens(n)} | {tokens} | " + " | ".join(cells) + " |")
     main = results[0]
     k = main["buckets"]
     lines += ["", f"{labels[0]}: mean NLL by position (bucket b = token positions [b*L/{k}, (b+1)*L/{k}))",
               "| length | " + " | ".join(f"b{b}" for b in range(k)) + " |", "|---:|" + "---:|" * k]
     for row in main["lengths"]:
-        lines.append(f"| {format_length(row['length'])} | "
+        lines.append(f"| {format_tokens(row['length'])} | "
                      + " | ".join(f"{b['nll']:.3f}" for b in row["buckets"]) + " |")
     return "\n".join(lines)

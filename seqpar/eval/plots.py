@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runner import format_length
+from ..units import format_tokens
 
 
 def _pyplot():
@@ -36,7 +36,7 @@ def plot_perplexity(results: list[dict], path) -> Path:
         rows = sorted(r["lengths"], key=lambda row: row["length"])
         left.plot([row["length"] for row in rows], [row["ppl"] for row in rows], marker="o", label=label)
     left.set_xscale("log", base=2)
-    left.set_xticks(all_lengths, [format_length(n) for n in all_lengths])
+    left.set_xticks(all_lengths, [format_tokens(n) for n in all_lengths])
     left.minorticks_off()
     ppls = [row["ppl"] for r in results for row in r["lengths"] if 0 < row["ppl"] < float("inf")]
     log_y = bool(ppls) and max(ppls) / min(ppls) > 8  # an explosion past the trained length
@@ -58,8 +58,8 @@ def plot_perplexity(results: list[dict], path) -> Path:
             rows = rows[-1:]
         for row in rows:
             centers = [(b["start"] + b["end"]) / 2 for b in row["buckets"]]
-            name = f"{label} @ {format_length(row['length'])}" if len(results) > 1 \
-                else f"L = {format_length(row['length'])}"
+            name = f"{label} @ {format_tokens(row['length'])}" if len(results) > 1 \
+                else f"L = {format_tokens(row['length'])}"
             right.plot(centers, [b["nll"] for b in row["buckets"]], marker=".", label=name)
     right.set_xlabel("token position in the sequence (bucket centre)")
     right.set_ylabel("mean NLL (nats / token)")
@@ -80,7 +80,7 @@ def plot_passkey(result: dict, path) -> Path:
     fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 3, 0.55 * len(lengths) + 2))
     image = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
     ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_yticks(range(len(lengths)), [format_length(n) for n in lengths])
+    ax.set_yticks(range(len(lengths)), [format_tokens(n) for n in lengths])
     ax.set_xlabel("depth of the pass key (0 = start of the context, 1 = end)")
     ax.set_ylabel("context length (tokens)")
     for i, row in enumerate(acc):

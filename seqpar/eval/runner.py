@@ -12,7 +12,6 @@ LM head's argmax at the few positions it needs.
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 import torch.distributed as dist
@@ -22,44 +21,8 @@ from ..model import hidden_states, parallelize, shard_batch, sharded_cross_entro
 from ..model.batch import prepare_batch
 from ..parallel import shard
 
-_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 _MPI_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK")
 SPAWN_TIMEOUT_S = 7 * 24 * 3600.0  # an evaluation may legitimately run for hours
-
-
-def parse_length(text) -> int:
-    """"4096" -> 4096, "1k" / "1K" -> 1024, "32K" -> 32768, "1m" -> 1048576, "1.5k" -> 1536."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kKmMgG]?)\s*", str(text))
-        if not m:
-            raise SeqparError(f"cannot read length {text!r}; write a token count like 4096, 4k, 32K or 1m "
-                              "(k = 1024).")
-        number = float(m.group(1)) * _UNITS[m.group(2).lower()]
-        if number != int(number):
-            raise SeqparError(f"length {text!r} is not a whole number of tokens ({number}).")
-        value = int(number)
-    if value < 2:
-        raise SeqparError(f"length {text!r} must be at least 2 tokens.")
-    return value
-
-
-def parse_lengths(text) -> list[int]:
-    """"1k,2k,4k" (or a list of such) -> [1024, 2048, 4096], ascending, without repeats."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    items = [i for i in items if str(i).strip()]
-    if not items:
-        raise SeqparError("no evaluation lengths given; pass e.g. --lengths 1k,2k,4k.")
-    return sorted({parse_length(i) for i in items})
-
-
-def format_length(n: int) -> str:
-    """1024 -> "1K", 3 << 20 -> "3M", 1000 -> "1000"."""
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
 
 
 def default_device() -> torch.device:

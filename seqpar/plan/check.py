@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-GIB = 1 << 30
+from ..units import GIB
 
 
 def rank_capacity(device: str) -> int | None:

@@ -10,31 +10,12 @@ The numbers come from `seqpar.plan.memory` (what each term counts is written the
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from ..errors import SeqparError
+from ..units import GIB, parse_bytes, parse_tokens
 
-GIB = 1 << 30
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
-          "mb": 10 ** 6, "g": GIB, "gib": GIB, "gb": 10 ** 9, "t": 1 << 40, "tib": 1 << 40, "tb": 10 ** 12}
 MAX_SEARCH_TOKENS = 1 << 26  # 64M tokens: the longest sequence `plan` searches up to
-
-
-def parse_bytes(text: str) -> int:
-    """'80GiB', '80G', '141 GB', '2.5TiB' -> bytes (G = GiB, GB = 10^9)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise SeqparError(f"cannot read memory size {text!r}; write e.g. 80GiB, 80GB or 141G.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def parse_tokens(text: str) -> int:
-    """'128k' -> 131072, '1m' -> 1048576, '32768' -> 32768."""
-    m = re.fullmatch(r"\s*([0-9]+)\s*([kKmM]?)\s*", str(text))
-    if not m:
-        raise SeqparError(f"cannot read sequence length {text!r}; write e.g. 32768, 32k or 1m.")
-    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20}[m.group(2).lower()]
 
 
 def _arg(parse):

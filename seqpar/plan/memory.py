@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # DeepSpeed defaults when its JSON does not set them (deepspeed/runtime/zero/config.py).
 DS_REDUCE_BUCKET = 500_000_000

@@ -8,14 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..units import format_tokens
+
 NAMES = {"none": "none", "linear": "PI (linear)", "dynamic": "dynamic NTK", "abf": "ABF", "yarn": "YaRN",
          "llama3": "Llama-3"}
 
-
-def _fmt_len(n: int) -> str:
-    from ..eval.runner import format_length
-
-    return format_length(n)
 
 
 def _row(results, method, factor, stage):
@@ -41,11 +38,11 @@ def checks(results: dict) -> list[dict]:
     out.append({"claim": "no scaling breaks past L: zero-shot perplexity rises above its value at L at every "
                          "longer length",
                 "holds": all(base["ppl"][i[n]] > base_L for n in longer),
-                "measured": {f"none@{_fmt_len(n)}": base["ppl"][i[n]] for n in lengths}})
-    passkey = {f"none@{_fmt_len(n)}": sum(base["passkey"][i[n]]) / len(base["passkey"][i[n]]) for n in lengths}
+                "measured": {f"none@{format_tokens(n)}": base["ppl"][i[n]] for n in lengths}})
+    passkey = {f"none@{format_tokens(n)}": sum(base["passkey"][i[n]]) / len(base["passkey"][i[n]]) for n in lengths}
     out.append({"claim": "no scaling breaks past L: passkey accuracy at L is above every longer length's "
                          "(only meaningful if the base model retrieves at L)",
-                "holds": all(passkey[f"none@{_fmt_len(L)}"] > passkey[f"none@{_fmt_len(n)}"] for n in longer),
+                "holds": all(passkey[f"none@{format_tokens(L)}"] > passkey[f"none@{format_tokens(n)}"] for n in longer),
                 "measured": passkey})
     for factor in results["factors"]:
         target = L * factor
@@ -55,40 +52,40 @@ def checks(results: dict) -> list[dict]:
         pi_zs, pi_cpt = _zero_shot(results, "linear", factor), _row(results, "linear", factor, "cpt")
         if pi_zs and pi_cpt:
             out.append({"claim": f"x{factor}: PI degrades zero-shot (ppl at L above the base's) and recovers "
-                                 f"after CPT (ppl at {_fmt_len(target)} below its zero-shot value)",
+                                 f"after CPT (ppl at {format_tokens(target)} below its zero-shot value)",
                         "holds": pi_zs["ppl"][i[L]] > base_L and pi_cpt["ppl"][t] < pi_zs["ppl"][t],
                         "measured": {"base@L": base_L, "PI zero-shot@L": pi_zs["ppl"][i[L]],
-                                     f"PI zero-shot@{_fmt_len(target)}": pi_zs["ppl"][t],
-                                     f"PI CPT@{_fmt_len(target)}": pi_cpt["ppl"][t]}})
+                                     f"PI zero-shot@{format_tokens(target)}": pi_zs["ppl"][t],
+                                     f"PI CPT@{format_tokens(target)}": pi_cpt["ppl"][t]}})
         for m in ("dynamic", "yarn"):
             zs = _zero_shot(results, m, factor)
             if zs and pi_zs:
                 out.append({"claim": f"x{factor}: {NAMES[m]} is better zero-shot than PI (ppl at "
-                                     f"{_fmt_len(target)})",
+                                     f"{format_tokens(target)})",
                             "holds": zs["ppl"][t] < pi_zs["ppl"][t],
-                            "measured": {f"{NAMES[m]}@{_fmt_len(target)}": zs["ppl"][t],
-                                         f"PI@{_fmt_len(target)}": pi_zs["ppl"][t]}})
+                            "measured": {f"{NAMES[m]}@{format_tokens(target)}": zs["ppl"][t],
+                                         f"PI@{format_tokens(target)}": pi_zs["ppl"][t]}})
         yarn = _row(results, "yarn", factor, "cpt")
         far = [n for n in lengths if 4 * L <= n <= target]
         if yarn and far:
-            out.append({"claim": f"x{factor}: YaRN + CPT reaches, at 4L-{_fmt_len(target)}, a perplexity at most "
+            out.append({"claim": f"x{factor}: YaRN + CPT reaches, at 4L-{format_tokens(target)}, a perplexity at most "
                                  "the base model's at L",
                         "holds": all(yarn["ppl"][i[n]] <= base_L for n in far),
-                        "measured": {"base@L": base_L, **{f"YaRN CPT@{_fmt_len(n)}": yarn["ppl"][i[n]] for n in far}}})
+                        "measured": {"base@L": base_L, **{f"YaRN CPT@{format_tokens(n)}": yarn["ppl"][i[n]] for n in far}}})
     return out
 
 
 def markdown(results: dict) -> str:
     lengths = results["lengths"]
-    heads = " | ".join(_fmt_len(n) for n in lengths)
+    heads = " | ".join(format_tokens(n) for n in lengths)
     lines = [] if results.get("complete", True) else [
         "**Partial**: the study was stopped before every model was evaluated; missing cells show '-'.", ""]
     lines += [f"Perplexity on the same held-out tokens at each length (base model trained at "
              f"L = {results['base_length']}); zero-shot -> after CPT at the target length.", "",
              f"| method | factor | zero-shot {heads} | after CPT {heads} |",
              "|---|--:|" + "--:|" * (2 * len(lengths))]
-    lines[-2] = "| method | factor | " + " | ".join(f"zero-shot {_fmt_len(n)}" for n in lengths) + " | " + \
-        " | ".join(f"CPT {_fmt_len(n)}" for n in lengths) + " |"
+    lines[-2] = "| method | factor | " + " | ".join(f"zero-shot {format_tokens(n)}" for n in lengths) + " | " + \
+        " | ".join(f"CPT {format_tokens(n)}" for n in lengths) + " |"
     base = _row(results, "none", None, "base")
     lines.append("| base (trained at L) | - | " + " | ".join(f"{p:.2f}" for p in base["ppl"]) + " |"
                  + " - |" * len(lengths))
@@ -102,8 +99,8 @@ def markdown(results: dict) -> str:
     lines += ["", f"Scored tokens per length: {tokens[0]} (the same tokens at every length).", "",
               "Passkey accuracy (mean over depths " + ", ".join(f"{d:g}" for d in base["passkey_depths"])
               + f"; {base['passkey_trials']} keys per depth), zero-shot -> after CPT:", "",
-              "| method | factor | " + " | ".join(f"zero-shot {_fmt_len(n)}" for n in lengths) + " | "
-              + " | ".join(f"CPT {_fmt_len(n)}" for n in lengths) + " |",
+              "| method | factor | " + " | ".join(f"zero-shot {format_tokens(n)}" for n in lengths) + " | "
+              + " | ".join(f"CPT {format_tokens(n)}" for n in lengths) + " |",
               "|---|--:|" + "--:|" * (2 * len(lengths))]
 
     def acc(r):
@@ -147,10 +144,10 @@ def plot(results: dict, path: Path) -> Path:
         ax.axhline(base["ppl"][0], color="grey", lw=0.8, ls=":", label="base @ L")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xticks(lengths, [_fmt_len(n) for n in lengths])
+        ax.set_xticks(lengths, [format_tokens(n) for n in lengths])
         ax.set_xlabel("evaluation length (tokens)")
         ax.set_ylabel("perplexity (same tokens at every length)")
-        ax.set_title(f"factor {factor} (CPT at {_fmt_len(results['base_length'] * factor)}): "
+        ax.set_title(f"factor {factor} (CPT at {format_tokens(results['base_length'] * factor)}): "
                      "dashed zero-shot, solid after CPT")
         ax.legend(fontsize=8)
     ax = fig.add_subplot(grid[1, :])
@@ -167,7 +164,7 @@ def plot(results: dict, path: Path) -> Path:
     ax.imshow(np.array(rows), aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xticks(range(len(lengths) * len(depths)),
-                  [f"{_fmt_len(n)}\n{d:g}" if j == 0 else f"{d:g}" for n in lengths for j, d in enumerate(depths)],
+                  [f"{format_tokens(n)}\n{d:g}" if j == 0 else f"{d:g}" for n in lengths for j, d in enumerate(depths)],
                   fontsize=6)
     for k in range(1, len(lengths)):
         ax.axvline(k * len(depths) - 0.5, color="white", lw=2)

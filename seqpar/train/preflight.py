@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SeqparError
+from ..units import GIB
 from .ckpt_integrity import free_bytes
 
-GIB = 1 << 30
 
 
 def check_timeout(cfg) -> None:
