@@ -541,20 +541,3 @@ def test_launcher_usage(name):
     assert ok.returncode == 0 and "usage:" in ok.stdout and "CONFIG.yaml" in ok.stdout
     bad = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage:" in bad.stderr
-
-
-def test_bad_config_fails_before_distributed_init(monkeypatch, tmp_path):
-    """A config error that does not depend on the world size is raised before the (slow)
-    distributed start-up: `init_distributed` must never be reached."""
-    import seqpar.stages as stages
-
-    def no_init(*args, **kwargs):
-        raise AssertionError("init_distributed was called before the config was validated")
-
-    monkeypatch.setattr(stages, "init_distributed", no_init)
-    monkeypatch.setattr(stages, "die_with_launcher", lambda: None)
-    cfg = load_config(REPO / "configs" / "tiny_cpu_demo.yaml", [f"checkpoint.dir={tmp_path}/ckpt",
-                                                     f"log.dir={tmp_path}/log",
-                                                     "parallel.layout=zigzg"])
-    with pytest.raises(SeqparError, match="layout"):
-        stages.run_stages(cfg)

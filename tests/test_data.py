@@ -16,7 +16,7 @@ from seqpar.data import BatchIterator, ByteTokenizer, PackedDataset, build_packe
 from seqpar.data import packing
 from seqpar.data.packing import upsample_copies
 from seqpar.errors import SeqparError
-from seqpar.data.config import DataConfig
+from seqpar.train.config import DataConfig
 
 BOS, EOS = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id
 

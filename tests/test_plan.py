@@ -183,7 +183,7 @@ def test_bench_memory_prediction_within_15_percent(tmp_path, capsys):
 
 
 def test_train_memory_report_warns_with_fixes(monkeypatch):
-    import seqpar.train.memory_check as check
+    import seqpar.plan.check as check
     from seqpar.train.config import RunConfig
     from seqpar.train.model_loader import model_config
 

@@ -97,8 +97,7 @@ def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed,
     from ..model import enable_checkpointing, parallelize, shard_batch
     from ..parallel import init_mesh
     from ..train.engine import deepspeed_config, initialize_engine, sp_loss_scale
-    from ..runtime import resolve_dtype
-    from ..train.model_loader import load_model, model_config
+    from ..train.model_loader import load_model, model_config, resolve_dtype
 
     cfg = _run_config(model_file, variant, seq_len, zero_json, dtype)
     mesh = init_mesh(torch.distributed.get_world_size() if variant.seqpar else 1)
@@ -182,7 +181,7 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
     Each row is reported (and `json_path` rewritten) as soon as it is measured, so a run
     cut short by a time limit keeps what it measured."""
     from ..parallel.spawn import DistributedRunError, run_distributed
-    from ..train.memory_check import plan_for_run
+    from ..plan.memory import plan_for_run
 
     zero_json = f"configs/deepspeed/zero{zero}.json"
     rows = []

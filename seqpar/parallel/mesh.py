@@ -7,13 +7,14 @@ sequence shard index of a rank is its SP rank = ring_rank * ulysses_size + ulyss
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..errors import SeqparError
-from ..runtime import join_process_group
 
 
 def check_mesh_sizes(world_size: int, sp_size: int, ulysses_size: int = 1) -> None:
@@ -27,6 +28,18 @@ def check_mesh_sizes(world_size: int, sp_size: int, ulysses_size: int = 1) -> No
         raise SeqparError(
             f"sp_size {sp_size} is not divisible by ulysses_size {ulysses_size}; the hybrid "
             f"splits SP into ulysses_size x ring_size, so pick a divisor of {sp_size}.")
+
+
+def _ensure_initialized() -> None:
+    """Join the job described by the launcher's env vars (torchrun/deepspeed) if needed."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SeqparError(
+            "torch.distributed is not initialized and RANK/WORLD_SIZE are not set; start the "
+            "program with torchrun, deepspeed or launch/cpu_gloo.sh, or call "
+            "torch.distributed.init_process_group first.")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 @dataclass
@@ -63,7 +76,7 @@ class SeqParallelMesh:
 
 def init_mesh(sp_size: int, ulysses_size: int = 1) -> SeqParallelMesh:
     """Build DP x SP (SP = ring x Ulysses) groups over all ranks of the default group."""
-    join_process_group()
+    _ensure_initialized()
     world = dist.get_world_size()
     check_mesh_sizes(world, sp_size, ulysses_size)
     ring_size = sp_size // ulysses_size

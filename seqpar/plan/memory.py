@@ -304,3 +304,36 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
                   "moments": {m: sum(v.values()) for m, v in moments.items()},
                   **{f"act_{k}": v for k, v in acts.items() if k != "tiled_layer"}}
     return est
+
+
+def plan_for_run(cfg, world: int, *, device: str = "cuda", plain_transformers: bool = False,
+                 config=None) -> MemoryEstimate:
+    """The estimate for a seqpar run config (`seqpar.train.config.RunConfig`) on `world` ranks."""
+    from ..train.engine import load_deepspeed_config
+    from ..train.model_loader import model_config
+
+    ds = load_deepspeed_config(cfg.train.deepspeed_config)
+    zero = ds.get("zero_optimization", {})
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    run = RunShape(
+        seq_len=cfg.train.seq_len, world=world, sp_size=cfg.parallel.sp_size,
+        ulysses_size=cfg.parallel.ulysses_size, attention=cfg.parallel.attention,
+        zero=int(zero.get("stage", 0)), dtype=dtype, micro_batch=cfg.train.micro_batch_size,
+        offload_optimizer=_offloads(zero.get("offload_optimizer")),
+        offload_params=_offloads(zero.get("offload_param")),
+        gradient_checkpointing=cfg.model.gradient_checkpointing, tiled_mlp=cfg.parallel.tiled_mlp,
+        tiled_layer=cfg.parallel.tiled_layer, grad_accum_dtype=_grad_accum_dtype(ds),
+        offload_activations=cfg.parallel.offload_activations, tiled_loss=cfg.parallel.tiled_loss,
+        plain_transformers=plain_transformers,
+        reduce_bucket=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), device=device)
+    return estimate(ModelShape.from_config(config or model_config(cfg)), run)
+
+
+def _grad_accum_dtype(ds: dict) -> str | None:
+    name = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+
+
+def _offloads(section) -> bool:
+    return bool(section) and section.get("device", "none") not in (None, "none")

@@ -10,7 +10,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import SeqparError
 from ..model.extend import extend_context
-from ..runtime import resolve_dtype
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
 
 
 def model_config(cfg):

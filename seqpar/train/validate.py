@@ -37,14 +37,11 @@ SPECIAL_SOURCES = ("stdlib",)  # data sources that are not paths
 _FACTOR_IS_LENGTH_RATIO = ("linear", "yarn")
 
 
-def validate_config(cfg: RunConfig, world_size: int | None, *, model_config=None) -> None:
+def validate_config(cfg: RunConfig, world_size: int, *, model_config=None) -> None:
     """Raise SeqparError for the first invalid setting or combination in `cfg` for a job of
-    `world_size` ranks. `world_size=None`: every check that does not need it, so a bad
-    config fails before the (slow) distributed start-up. `model_config`: the model's
-    transformers config when known (heads vs Ulysses size, seq_len vs
-    max_position_embeddings, byte tokenizer vs vocab)."""
-    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
-                                   or world_size < 1):
+    `world_size` ranks. `model_config`: the model's transformers config when known (heads
+    vs Ulysses size, seq_len vs max_position_embeddings, byte tokenizer vs vocab)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise SeqparError(f"world size must be a positive int, got {world_size!r}.")
     _check_numbers(cfg)
     _check_choices(cfg)
@@ -171,8 +168,8 @@ def _nearest_seq_lens(seq_len: int, sp: int, layout: str) -> tuple[int | None, i
 
 def _check_parallel(cfg: RunConfig, world_size: int) -> None:
     p, seq_len = cfg.parallel, cfg.train.seq_len
-    try:  # without a world size, the SP group alone must be a valid world
-        check_mesh_sizes(p.sp_size if world_size is None else world_size, p.sp_size, p.ulysses_size)
+    try:
+        check_mesh_sizes(world_size, p.sp_size, p.ulysses_size)
     except SeqparError as err:
         raise SeqparError(f"parallel.sp_size={p.sp_size}, parallel.ulysses_size={p.ulysses_size}, "
                           f"world size {world_size}: {err}") from None
@@ -318,15 +315,14 @@ def _check_deepspeed(cfg: RunConfig, ds: dict, world_size: int) -> None:
         raise SeqparError(f"{src}: {auto} is \"auto\", which DeepSpeed itself does not accept (it is "
                           f"a Hugging Face Trainer convention); remove it: seqpar fills batch sizes, "
                           f"clipping and precision from the run config.")
+    dp = world_size // cfg.parallel.sp_size
     expected = {
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (t.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        "train_batch_size": (t.micro_batch_size * t.gradient_accumulation_steps * dp,
+                             f"train.micro_batch_size x train.gradient_accumulation_steps x DP size {dp}"),
         "gradient_clipping": (t.grad_clip, "train.grad_clip"),
     }
-    if world_size is not None:
-        dp = world_size // cfg.parallel.sp_size
-        expected["train_batch_size"] = (t.micro_batch_size * t.gradient_accumulation_steps * dp,
-                                        f"train.micro_batch_size x train.gradient_accumulation_steps x DP size {dp}")
     for key, (want, origin) in expected.items():
         if key in ds and ds[key] != want:
             raise SeqparError(f"{src}: {key}={ds[key]!r} conflicts with {origin} = {want}; remove "

@@ -6,9 +6,6 @@ model there, optionally runs the configured evals, and stage k+1 starts from tha
 export (its RoPE extended again to the new length from the model's original length).
 A finished stage (export present) is skipped, so `--resume` continues where a job died.
 Every stage is validated before the first one starts.
-
-This module sits above both `seqpar.train` and `seqpar.eval` (stage-end evaluations):
-training never imports the evaluations.
 """
 
 from __future__ import annotations
@@ -17,17 +14,8 @@ import copy
 import json
 from pathlib import Path
 
-import torch.distributed as dist
-
-from .errors import SeqparError
-from .eval.cli import run_evals
-from .parallel import init_mesh
-from .runtime import init_distributed
-from .train.config_io import apply_override
-from .train.lifecycle import die_with_launcher
-from .train.loop import train
-from .train.preflight import check_before_init
-from .train.validate import validate_config
+from ..errors import SeqparError
+from .config_io import apply_override
 
 
 def stage_configs(cfg) -> list:
@@ -55,7 +43,7 @@ def stage_configs(cfg) -> list:
     return stages
 
 
-def validate_stages(stages, world_size: int | None, validate) -> None:
+def validate_stages(stages, world_size: int, validate) -> None:
     """Validate every stage up front. Later stages start from exports that do not exist
     yet, so their model source is checked as the first stage's (same architecture)."""
     for index, stage in enumerate(stages):
@@ -69,11 +57,18 @@ def validate_stages(stages, world_size: int | None, validate) -> None:
 
 
 def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stated=frozenset()) -> None:
+    import torch.distributed as dist
+
+    from .loop import init_distributed, train
+    from .validate import validate_config
+
+    from .lifecycle import die_with_launcher
+    from .preflight import check_before_init
+
     die_with_launcher()  # an orphaned worker must never go on training and writing checkpoints
     stages = stage_configs(cfg)
     for stage in stages:  # before any process group exists: a bad timeout or directory fails here
         check_before_init(stage)
-    validate_stages(stages, None, validate_config)  # all but the world-size checks, before the slow init
     init_distributed(cfg.train.dist_timeout_minutes)
     validate_stages(stages, dist.get_world_size(), validate_config)
     for index, stage in enumerate(stages, start=1):
@@ -93,6 +88,9 @@ def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stat
 
 
 def _evaluate(stage, eval_cfg: dict, index: int) -> None:
+    from ..eval.cli import run_evals
+    from ..parallel import init_mesh
+
     mesh = init_mesh(stage.parallel.sp_size, stage.parallel.ulysses_size)
     cfg = dict(eval_cfg, out=str(Path(stage.checkpoint.export_hf).parent / "eval"),
                label=eval_cfg.get("label") or f"stage {index} ({stage.train.seq_len} tokens)",
