@@ -22,9 +22,11 @@ import signal
 import threading
 import time
 
+from ..runtime import MPI_ENV_VARS
+
 STOP_REPORT_ENV = "SEQPAR_STOP_REPORT"
 _PR_SET_PDEATHSIG = 1
-_LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+_LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", *MPI_ENV_VARS, "SLURM_PROCID")
 
 _parent_pid: int | None = None
 

@@ -10,8 +10,6 @@ optional Hugging Face export).
 
 from __future__ import annotations
 
-import datetime
-import os
 import random
 import sys
 import time
@@ -31,7 +29,8 @@ from .ckpt_lock import acquire_together, agree_run_id
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
 from .metrics import MetricsLogger, peak_memory_gib, peak_tflops, training_flops_per_token
 from .config_io import config_hash, dump_config
-from .model_loader import load_model, model_config, resolve_dtype
+from ..runtime import init_distributed, resolve_dtype
+from .model_loader import load_model, model_config
 from .preflight import check_before_init, check_free_space, estimate_checkpoint_bytes
 from .safety import (RESUME_ADVICE, GracefulStop, agree_on_run, batch_fingerprint, check_every_step,
                      check_finite, config_fingerprint, raise_together, run_fingerprint)
@@ -44,34 +43,6 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """Join the job however it was launched: torchrun/deepspeed env vars, or mpirun (MPI)."""
-    import deepspeed
-    import deepspeed.comm as ds_comm
-
-    if ds_comm.is_initialized():
-        return
-    # Also when torch.distributed is already up (tests, notebooks): DeepSpeed's comm
-    # layer must be initialised over it.
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    from_mpi = not dist.is_initialized() and "RANK" not in os.environ and any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK"))
-    # MPI discovery sets MASTER_PORT from distributed_port: keep the one the launcher chose.
-    # A dead or stuck rank fails every collective after this timeout instead of hanging.
-    timeout = datetime.timedelta(minutes=timeout_minutes)
-    # Subgroups (DeviceMesh dims, the SP group, DeepSpeed's groups) are created without a
-    # timeout and so get torch's module default (30 min), not the world group's: a stopped
-    # rank then hung ring attention's p2p for 30 min. Make the default this run's timeout.
-    from torch.distributed import distributed_c10d as c10d
-    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
-        if isinstance(getattr(c10d, name, None), datetime.timedelta):
-            setattr(c10d, name, timeout)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=from_mpi, verbose=False,
-                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
-                               timeout=timeout)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def seed_everything(seed: int) -> None:

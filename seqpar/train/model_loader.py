@@ -10,15 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import SeqparError
 from ..model.extend import extend_context
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return DTYPES[name]
-
+from ..runtime import DTYPES, resolve_dtype  # noqa: F401  (re-exported: their old home)
 
 def model_config(cfg):
     """The transformers config of the run, with RoPE extended to train.seq_len if asked.
