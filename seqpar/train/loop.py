@@ -169,9 +169,10 @@ def _build_data(cfg, tokenizer):
 
 def setup(cfg, resume: bool = False, stated=frozenset()) -> Trainer:
     from ..data import BatchIterator, load_tokenizer
-    from .validate import validate_config
+    from .validate import validate_before_init, validate_config
 
     check_before_init(cfg)  # timeout, directories writable: before any process group exists
+    validate_before_init(cfg)  # numbers, names, sizes, RoPE: a typo fails before the slow init
     init_distributed(cfg.train.dist_timeout_minutes)
     world = dist.get_world_size()
     # First collective: every rank must run the same config, or later collectives mismatch.

@@ -60,7 +60,7 @@ def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stat
     import torch.distributed as dist
 
     from .loop import init_distributed, train
-    from .validate import validate_config
+    from .validate import validate_before_init, validate_config
 
     from .lifecycle import die_with_launcher
     from .preflight import check_before_init
@@ -69,6 +69,8 @@ def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stat
     stages = stage_configs(cfg)
     for stage in stages:  # before any process group exists: a bad timeout or directory fails here
         check_before_init(stage)
+    # Config typos too: in a second, not after DeepSpeed's distributed init.
+    validate_stages(stages, None, lambda stage, _world: validate_before_init(stage))
     init_distributed(cfg.train.dist_timeout_minutes)
     validate_stages(stages, dist.get_world_size(), validate_config)
     for index, stage in enumerate(stages, start=1):
