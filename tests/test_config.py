@@ -555,12 +555,14 @@ def test_bad_config_fails_before_distributed_init(workdir, monkeypatch, override
     DeepSpeed's distributed init)."""
     import torch.distributed as dist
 
+    import seqpar.stages as stages
     import seqpar.train.loop as loop
-    from seqpar.train.stages import run_stages
+    from seqpar.stages import run_stages
 
     def no_init(*args, **kwargs):
         raise AssertionError("distributed init reached with an invalid config")
 
+    monkeypatch.setattr(stages, "init_distributed", no_init)
     monkeypatch.setattr(loop, "init_distributed", no_init)
     cfg = load_config("run.yaml", [override])
     with pytest.raises(SeqparError, match=re.escape(match)):
@@ -572,8 +574,8 @@ def test_bad_config_fails_before_distributed_init(workdir, monkeypatch, override
 
 def test_good_config_reaches_distributed_init(workdir, monkeypatch):
     """The self-check of the test above: a valid config does get to init."""
-    import seqpar.train.loop as loop
-    from seqpar.train.stages import run_stages
+    import seqpar.stages as stages
+    from seqpar.stages import run_stages
 
     class Reached(Exception):
         pass
@@ -581,6 +583,6 @@ def test_good_config_reaches_distributed_init(workdir, monkeypatch):
     def stop(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(loop, "init_distributed", stop)
+    monkeypatch.setattr(stages, "init_distributed", stop)
     with pytest.raises(Reached):
         run_stages(load_config("run.yaml"))

@@ -96,7 +96,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     # Staged length schedule: each stage is a mapping of `--set`-style overrides, e.g.
     # {train.seq_len: 32768, train.steps: 500, train.lr: 1e-5}; stage k+1 starts from
-    # stage k's Hugging Face export (seqpar/train/stages.py). Empty: one stage.
+    # stage k's Hugging Face export (seqpar/stages.py). Empty: one stage.
     stages: list = field(default_factory=list)
     # Evaluations at the end of each stage (seqpar.eval.cli.run_evals), e.g.
     # {ppl: {lengths: "1k,4k", data: {sources: [stdlib], max_documents: 50}}}. Empty: none.
