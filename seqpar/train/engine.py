@@ -8,23 +8,12 @@ averages gradients so that SP=N trains exactly like SP=1 on the same global batc
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 
 from ..errors import SeqparError
-
-
-def load_deepspeed_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SeqparError(f"DeepSpeed config {path!r} not found; set train.deepspeed_config to one of "
-                          f"configs/deepspeed/zero{{1,2,3}}.json.") from None
-    except json.JSONDecodeError as err:
-        raise SeqparError(f"DeepSpeed config {path!r} is not valid JSON: {err}") from None
+from ..plan.memory import load_deepspeed_config
 
 
 def deepspeed_config(cfg, dp_size: int, bf16: bool) -> dict:
