@@ -111,3 +111,42 @@ def test_the_check_can_fail(tmp_path, monkeypatch):
 
 
 _read = Path.read_text
+
+
+# Packages still holding function-level imports without a reason (issue 16, in progress):
+# remove an entry once its imports are at the top or carry `# deferred: <reason>`.
+NOT_YET_CLEAN = {"eval/cli.py", "eval/passkey.py", "eval/perplexity.py", "bench", "cli.py", "studies",
+                 "ops", "parallel", "model"}
+
+
+def function_level_imports(path: Path):
+    """(line, source line) of imports inside a def/class body that lack a `# deferred:` reason."""
+    text = path.read_text()
+    lines = text.splitlines()
+    out = []
+    for node in ast.walk(ast.parse(text, str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    src = lines[inner.lineno - 1]
+                    if "# deferred: " not in src:
+                        out.append((inner.lineno, src.strip()))
+    return sorted(set(out))
+
+
+def test_function_level_imports_say_why():
+    bad = []
+    for path in seqpar_files():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in NOT_YET_CLEAN or rel.split("/")[0] in NOT_YET_CLEAN:
+            continue
+        bad += [f"seqpar/{rel}:{line}: {src}" for line, src in function_level_imports(path)]
+    assert not bad, ("move these imports to the top of the module, or add `# deferred: <reason>` "
+                     "(a heavy optional dependency):\n" + "\n".join(bad))
+
+
+def test_function_level_check_can_fail(monkeypatch):
+    fake = ROOT / "train" / "_fake.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (
+        "def f():\n    import json\n    import deepspeed  # deferred: heavy\n" if self == fake else _read(self)))
+    assert function_level_imports(fake) == [(2, "import json")]

@@ -20,6 +20,7 @@ from ..model import hidden_states, parallelize, shard_batch, sharded_cross_entro
 from ..model.batch import prepare_batch
 from ..parallel import shard
 from ..runtime import in_distributed_job, init_distributed, resolve_dtype
+from ..parallel.spawn import DistributedRunError, run_distributed
 
 SPAWN_TIMEOUT_S = 7 * 24 * 3600.0  # an evaluation may legitimately run for hours
 
@@ -40,9 +41,9 @@ def load_model(model_dir, *, dtype: str = "auto", rope: dict | None = None, devi
     factor, rope_theta, original_max_position_embeddings), applied to the config before
     the weights load: evaluate the same weights with another RoPE scaling.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers (heavy), only when a model is loaded
 
-    from ..model.extend import extend_context
+    from ..model.extend import extend_context  # deferred: with transformers
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
@@ -165,7 +166,6 @@ def launch(job, opts: dict, sp_size: int):
             init_distributed()
         return job(opts)
     if sp_size > 1:
-        from ..parallel.spawn import DistributedRunError, run_distributed
 
         backend = "nccl" if torch.cuda.device_count() >= sp_size and dist.is_nccl_available() else "gloo"
         try:

@@ -62,8 +62,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        import torch
-        from transformers import AutoModelForCausalLM
+        import torch  # deferred: torch, only to count parameters (plan is arithmetic)
+        from transformers import AutoModelForCausalLM  # deferred: transformers (heavy), only to count parameters
 
         with torch.device("meta"):  # exact counts without allocating anything
             model = AutoModelForCausalLM.from_config(config)

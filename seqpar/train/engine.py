@@ -78,7 +78,7 @@ def lr_lambda(train):
 
 
 def initialize_engine(model, cfg, mesh, ds_config: dict):
-    import deepspeed
+    import deepspeed  # deferred: deepspeed (heavy), only when an engine is built
 
     optimizer = build_optimizer(model, cfg.train)
     kwargs = dict(model=model, config=ds_config, mpu=mesh.mpu())

@@ -19,13 +19,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data import BatchIterator, build_packed_dataset, load_tokenizer
 from ..errors import SeqparError
 from ..model import enable_checkpointing, parallelize, shard_batch
 from ..ops import set_attention_kernel
 from ..parallel import init_mesh
+from ..plan.check import memory_report
 from . import elastic, lifecycle
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .ckpt_lock import acquire_together, agree_run_id
+from .export import export_hf
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
 from .metrics import MetricsLogger, peak_memory_gib, peak_tflops, training_flops_per_token
 from .config_io import config_hash, dump_config
@@ -34,6 +37,7 @@ from .model_loader import load_model, model_config
 from .preflight import check_before_init, check_free_space, estimate_checkpoint_bytes
 from .safety import (RESUME_ADVICE, GracefulStop, agree_on_run, batch_fingerprint, check_every_step,
                      check_finite, config_fingerprint, raise_together, run_fingerprint)
+from .validate import validate_before_init, validate_config
 
 
 def shutdown_distributed() -> None:
@@ -143,7 +147,6 @@ class Trainer:
 def _print_memory_plan(cfg, world: int, config) -> None:
     """The planner's estimate, and a warning with fixes when the run should not fit.
     A planner failure never stops training: it only costs the warning."""
-    from ..plan.check import memory_report
 
     try:
         line, _ = memory_report(cfg, world, config, "cuda" if torch.cuda.is_available() else "cpu")
@@ -155,7 +158,6 @@ def _print_memory_plan(cfg, world: int, config) -> None:
 def _build_data(cfg, tokenizer):
     """Any data failure (not just seqpar's own checks) as one SeqparError, so it can be
     raised on every rank together instead of killing one rank mid-collective."""
-    from ..data import build_packed_dataset
 
     try:
         return build_packed_dataset(cfg.data, tokenizer, cfg.train.seq_len)
@@ -168,8 +170,6 @@ def _build_data(cfg, tokenizer):
 
 
 def setup(cfg, resume: bool = False, stated=frozenset()) -> Trainer:
-    from ..data import BatchIterator, load_tokenizer
-    from .validate import validate_before_init, validate_config
 
     check_before_init(cfg)  # timeout, directories writable: before any process group exists
     validate_before_init(cfg)  # numbers, names, sizes, RoPE: a typo fails before the slow init
@@ -235,7 +235,6 @@ def train(cfg, resume: bool = False, stop_after: int | None = None, stated=froze
     same or another layout (`elastic`); `stated`: the config keys given by --set, the
     only way to change the global batch or seq_len at a resume.
     """
-    from .export import export_hf
 
     trainer = setup(cfg, resume=resume, stated=stated)
     cfg = trainer.cfg

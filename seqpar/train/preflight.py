@@ -15,6 +15,7 @@ from ..errors import SeqparError
 from ..runtime import resolve_dtype
 from ..units import GIB
 from .ckpt_integrity import free_bytes
+from ..plan.memory import ModelShape
 
 
 
@@ -61,7 +62,6 @@ def checkpoint_bytes(params: int, dtype_bytes: int, optimizer: str) -> int:
 
 
 def estimate_checkpoint_bytes(cfg, config) -> int:
-    from ..plan.memory import ModelShape
 
     params = ModelShape.from_config(config).params
     return checkpoint_bytes(params, resolve_dtype(cfg.model.dtype).itemsize, cfg.train.optimizer)
