@@ -81,7 +81,7 @@ def _run_train(args) -> int:
     from .train.config_io import load_config
     from .train.elastic import stated_keys
     from .train.loop import shutdown_distributed
-    from .train.stages import run_stages
+    from .stages import run_stages
 
     cfg = load_config(args.config, args.set or ())
     run_stages(cfg, resume=args.resume, stop_after=args.stop_after, stated=stated_keys(args.set))

@@ -541,3 +541,48 @@ def test_launcher_usage(name):
     assert ok.returncode == 0 and "usage:" in ok.stdout and "CONFIG.yaml" in ok.stdout
     bad = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+# --- before distributed init (issue 16) -------------------------------------------------
+
+@pytest.mark.parametrize("override, match", [
+    ("parallel.attention=rnig", "parallel.attention"),
+    ("train.seq_len=63", "train.seq_len=63"),
+    ("parallel.ulysses_size=3", "ulysses_size"),
+])
+def test_bad_config_fails_before_distributed_init(workdir, monkeypatch, override, match):
+    """A config typo is reported before any process group exists (it used to wait ~40 s for
+    DeepSpeed's distributed init)."""
+    import torch.distributed as dist
+
+    import seqpar.stages as stages
+    import seqpar.train.loop as loop
+    from seqpar.stages import run_stages
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("distributed init reached with an invalid config")
+
+    monkeypatch.setattr(stages, "init_distributed", no_init)
+    monkeypatch.setattr(loop, "init_distributed", no_init)
+    cfg = load_config("run.yaml", [override])
+    with pytest.raises(SeqparError, match=re.escape(match)):
+        run_stages(cfg)
+    with pytest.raises(SeqparError, match=re.escape(match)):
+        loop.setup(cfg)
+    assert not dist.is_initialized()
+
+
+def test_good_config_reaches_distributed_init(workdir, monkeypatch):
+    """The self-check of the test above: a valid config does get to init."""
+    import seqpar.stages as stages
+    from seqpar.stages import run_stages
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(stages, "init_distributed", stop)
+    with pytest.raises(Reached):
+        run_stages(load_config("run.yaml"))

@@ -182,6 +182,7 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
     cut short by a time limit keeps what it measured."""
     from ..parallel.spawn import DistributedRunError, run_distributed
     from ..plan.memory import plan_for_run
+    from ..train.model_loader import model_config
 
     zero_json = f"configs/deepspeed/zero{zero}.json"
     rows = []
@@ -193,7 +194,8 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
                   file=sys.stderr, flush=True)
             cfg = _run_config(model_file, v, s, zero_json, dtype)
             cfg.parallel.sp_size = world_size if v.seqpar else 1
-            predicted = plan_for_run(cfg, world_size, device=device, plain_transformers=not v.seqpar)
+            predicted = plan_for_run(cfg, world_size, config=model_config(cfg), device=device,
+                                     plain_transformers=not v.seqpar)
             try:
                 r = run_distributed(_rank_steps, world_size, model_file, asdict(v), s, zero_json, dtype,
                                     steps, seed, backend="nccl" if device == "cuda" else "gloo",

@@ -8,10 +8,11 @@
 `seqpar.model.shard_batch(batch, mesh)` then takes each SP rank's slice.
 """
 
+from .config import DataConfig
 from .loader import BatchIterator
 from .packing import PackedDataset, build_packed_dataset
 from .sources import load_sources
 from .tokenizer import ByteTokenizer, load_tokenizer
 
-__all__ = ["ByteTokenizer", "load_tokenizer", "load_sources", "build_packed_dataset", "PackedDataset",
+__all__ = ["DataConfig", "ByteTokenizer", "load_tokenizer", "load_sources", "build_packed_dataset", "PackedDataset",
            "BatchIterator"]

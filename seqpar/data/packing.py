@@ -129,9 +129,9 @@ def _cache_key(data_cfg, groups, tokenizer, seq_len) -> str:
 
 def _pack(data_cfg, groups, tokenizer, seq_len):
     """Tokenize + pack from scratch. Returns (datasets.Dataset of sequences, stats)."""
-    import datasets
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    import datasets  # deferred: datasets (heavy)
+    import pyarrow as pa  # deferred: pyarrow, with datasets
+    import pyarrow.compute as pc  # deferred: pyarrow, with datasets
 
     docs = load_sources(data_cfg, groups)
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
@@ -176,7 +176,7 @@ def build_packed_dataset(data_cfg, tokenizer, seq_len: int) -> PackedDataset:
     (with up-sampled repeats), tokens, sequences, dropped_tokens, cache_hit, cache_path,
     build_seconds. Safe to call from several processes (the cache entry appears atomically)."""
     start = time.perf_counter()
-    import datasets
+    import datasets  # deferred: datasets (heavy)
 
     if int(seq_len) < 2:
         raise SeqparError(f"seq_len must be at least 2 to pack sequences; got {seq_len}.")

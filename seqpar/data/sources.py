@@ -138,7 +138,7 @@ def fingerprint(groups: list[SourceGroup]) -> list:
 
 
 def _load_group(g: SourceGroup, text_field: str, cache_dir: str):
-    import datasets
+    import datasets  # deferred: datasets (heavy)
 
     if g.kind == "hub":
         name, *rest = g.files[0].split(":")
@@ -175,7 +175,7 @@ def _has_text(batch):
 
 def load_sources(data_cfg, groups: list[SourceGroup] | None = None):
     """The corpus as a `datasets.Dataset` with `text` and `source` columns, deterministic order."""
-    import datasets
+    import datasets  # deferred: datasets (heavy)
 
     groups = resolve_sources(data_cfg) if groups is None else groups
     cache_dir = str(Path(data_cfg.cache_dir, "datasets").resolve())

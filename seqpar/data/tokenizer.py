@@ -82,10 +82,10 @@ class ByteTokenizer:
 
     def to_hf(self):
         """The same tokenizer as a transformers fast tokenizer (identical ids, no merges)."""
-        from tokenizers import Tokenizer, decoders, models
-        from tokenizers.pre_tokenizers import ByteLevel
-        from transformers import PreTrainedTokenizerFast
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
+        from tokenizers import Tokenizer, decoders, models  # deferred: tokenizers, only for the byte tokenizer's HF form
+        from tokenizers.pre_tokenizers import ByteLevel  # deferred: as above
+        from transformers import PreTrainedTokenizerFast  # deferred: transformers (heavy), as above
+        from transformers.convert_slow_tokenizer import bytes_to_unicode  # deferred: as above
 
         # ByteLevel maps each byte to a printable character; give that character the byte's id.
         vocab = {char: byte for byte, char in bytes_to_unicode().items()}
@@ -106,7 +106,7 @@ def load_tokenizer(name_or_path):
     name = str(name_or_path)
     if name == "byte" or (Path(name) / BYTE_CONFIG).is_file():
         return ByteTokenizer() if name == "byte" else ByteTokenizer.from_pretrained(name)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers (heavy), only for a named tokenizer
 
     try:
         return AutoTokenizer.from_pretrained(name)
@@ -120,7 +120,7 @@ def tokenizer_identity(tokenizer) -> str:
     ident = getattr(tokenizer, "identity", None)
     if isinstance(ident, str):
         return ident
-    from datasets.fingerprint import Hasher
+    from datasets.fingerprint import Hasher  # deferred: datasets (heavy)
 
     # datasets knows how to hash transformers tokenizers deterministically (vocab, merges, specials).
     return f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}:{Hasher.hash(tokenizer)}"

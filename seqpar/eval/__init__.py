@@ -15,12 +15,12 @@ __all__ = ["evaluate_passkey", "evaluate_perplexity", "run_evals"]
 
 def __getattr__(name):
     if name == "evaluate_perplexity":
-        from .perplexity import evaluate_perplexity
+        from .perplexity import evaluate_perplexity  # deferred: lazy package attributes (PEP 562)
         return evaluate_perplexity
     if name == "evaluate_passkey":
-        from .passkey import evaluate_passkey
+        from .passkey import evaluate_passkey  # deferred: as above
         return evaluate_passkey
     if name == "run_evals":
-        from .cli import run_evals
+        from .cli import run_evals  # deferred: as above
         return run_evals
     raise AttributeError(f"module 'seqpar.eval' has no attribute {name!r}")

@@ -37,6 +37,7 @@ import time
 
 import torch
 
+from ..data import DataConfig, build_packed_dataset
 from ..errors import SeqparError
 from ..units import format_tokens
 from .runner import ShardedLM
@@ -47,9 +48,6 @@ BATCH_TOKENS = 16384  # windows per forward pass (unsharded): at most this many 
 
 def eval_sequences(data_cfg, tokenizer, length: int, num_sequences: int) -> torch.Tensor:
     """input_ids [n, length] (n <= num_sequences): the evaluation stream cut every `length` tokens."""
-    from ..data import build_packed_dataset
-    from ..train.config import DataConfig
-
     if isinstance(data_cfg, dict):
         data_cfg = DataConfig(**data_cfg)
     cfg = dataclasses.replace(data_cfg, cross_document_attention=True, upsample_long=0.0)

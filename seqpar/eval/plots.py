@@ -12,10 +12,10 @@ from ..units import format_tokens
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib (optional, heavy)
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib
 
     return plt
 
@@ -41,7 +41,7 @@ def plot_perplexity(results: list[dict], path) -> Path:
     ppls = [row["ppl"] for r in results for row in r["lengths"] if 0 < row["ppl"] < float("inf")]
     log_y = bool(ppls) and max(ppls) / min(ppls) > 8  # an explosion past the trained length
     if log_y:
-        from matplotlib.ticker import FormatStrFormatter
+        from matplotlib.ticker import FormatStrFormatter  # deferred: matplotlib
 
         left.set_yscale("log")
         left.yaxis.set_major_formatter(FormatStrFormatter("%g"))

@@ -11,7 +11,6 @@ LM head's argmax at the few positions it needs.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.distributed as dist
@@ -20,8 +19,9 @@ from ..errors import SeqparError
 from ..model import hidden_states, parallelize, shard_batch, sharded_cross_entropy
 from ..model.batch import prepare_batch
 from ..parallel import shard
+from ..runtime import in_distributed_job, init_distributed, resolve_dtype
+from ..parallel.spawn import DistributedRunError, run_distributed
 
-_MPI_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK")
 SPAWN_TIMEOUT_S = 7 * 24 * 3600.0  # an evaluation may legitimately run for hours
 
 
@@ -41,10 +41,9 @@ def load_model(model_dir, *, dtype: str = "auto", rope: dict | None = None, devi
     factor, rope_theta, original_max_position_embeddings), applied to the config before
     the weights load: evaluate the same weights with another RoPE scaling.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers (heavy), only when a model is loaded
 
-    from ..model.extend import extend_context
-    from ..train.model_loader import resolve_dtype
+    from ..model.extend import extend_context  # deferred: with transformers
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
@@ -154,12 +153,6 @@ class ShardedLM:
         return out
 
 
-def in_distributed_job() -> bool:
-    """Started by torchrun / deepspeed / mpirun (or torch.distributed already up)?"""
-    return dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or \
-        any(k in os.environ for k in _MPI_VARS)
-
-
 def launch(job, opts: dict, sp_size: int):
     """Run `job(opts)` on the ranks the evaluation needs; return its result.
 
@@ -170,12 +163,9 @@ def launch(job, opts: dict, sp_size: int):
     """
     if in_distributed_job():
         if not dist.is_initialized():
-            from ..train.loop import init_distributed
-
             init_distributed()
         return job(opts)
     if sp_size > 1:
-        from ..parallel.spawn import DistributedRunError, run_distributed
 
         backend = "nccl" if torch.cuda.device_count() >= sp_size and dist.is_nccl_available() else "gloo"
         try:

@@ -7,14 +7,13 @@ sequence shard index of a rank is its SP rank = ring_rank * ulysses_size + ulyss
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..errors import SeqparError
+from ..runtime import init_distributed
 
 
 def check_mesh_sizes(world_size: int, sp_size: int, ulysses_size: int = 1) -> None:
@@ -32,14 +31,7 @@ def check_mesh_sizes(world_size: int, sp_size: int, ulysses_size: int = 1) -> No
 
 def _ensure_initialized() -> None:
     """Join the job described by the launcher's env vars (torchrun/deepspeed) if needed."""
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SeqparError(
-            "torch.distributed is not initialized and RANK/WORLD_SIZE are not set; start the "
-            "program with torchrun, deepspeed or launch/cpu_gloo.sh, or call "
-            "torch.distributed.init_process_group first.")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed(deepspeed=False)
 
 
 @dataclass

@@ -13,18 +13,17 @@ cases into one call.
 """
 from __future__ import annotations
 
-import datetime
-import os
 import pickle
 import queue as queue_mod
 import socket
-import sys
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from ..runtime import init_local_rank
 
 __all__ = ["DistributedRunError", "run_distributed"]
 
@@ -54,24 +53,10 @@ def _free_port() -> int:
 
 def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, kwargs, q):
     torch.set_num_threads(1)  # W ranks share few cores; avoid oversubscription
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    if backend == "gloo" and sys.platform.startswith("linux"):
-        # Everything is on this host; don't depend on how the hostname resolves.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-            world_size=world_size,
-            # Below the harness timeout, so a stuck collective raises here
-            # with a traceback before the parent has to kill us.
-            timeout=datetime.timedelta(seconds=pg_timeout_s),
-        )
+        # Below the harness timeout, so a stuck collective raises here
+        # with a traceback before the parent has to kill us.
+        init_local_rank(rank, world_size, port, backend, pg_timeout_s)
         # Pickle here, not in the queue's feeder thread, so an unpicklable
         # result is reported as this rank's error instead of lost.
         result = pickle.dumps(fn(*args, **kwargs))

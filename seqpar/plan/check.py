@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 
 from ..units import GIB
+from .memory import plan_for_run
+import torch
 
 
 def rank_capacity(device: str) -> int | None:
     """Bytes one rank can use: its GPU's memory, or host memory / ranks on this host."""
-    import torch
 
     if device == "cuda":
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -44,7 +45,6 @@ def advice(est, cfg) -> list[str]:
 
 def memory_report(cfg, world: int, config, device: str) -> tuple[str, bool]:
     """(one-line summary, fits) for rank 0 to print before the model is built."""
-    from .memory import plan_for_run
 
     est = plan_for_run(cfg, world, device=device, config=config)
     capacity = rank_capacity(device)

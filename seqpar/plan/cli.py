@@ -14,13 +14,14 @@ from dataclasses import replace
 
 from ..errors import SeqparError
 from ..units import GIB, parse_bytes, parse_tokens
+from .memory import ModelShape, RunShape, estimate
+import argparse
 
 MAX_SEARCH_TOKENS = 1 << 26  # 64M tokens: the longest sequence `plan` searches up to
 
 
 def _arg(parse):
     """An argparse `type=` that shows the parser's own message for bad values."""
-    import argparse
 
     def convert(text):
         try:
@@ -34,9 +35,8 @@ def _arg(parse):
 
 def load_shape(model: str):
     """ModelShape of a config file/dir or a Hugging Face name (from its config only)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers (heavy); `seqpar plan` registers at every CLI start
 
-    from .memory import ModelShape
 
     try:
         config = AutoConfig.from_pretrained(model)
@@ -49,7 +49,6 @@ def load_shape(model: str):
 
 def max_seq_len(shape, run, capacity: int, granule: int) -> int:
     """Longest multiple of `granule` tokens whose estimate fits in `capacity` (0: none)."""
-    from .memory import estimate
 
     def fits(n):
         return estimate(shape, replace(run, seq_len=n)).total <= capacity
@@ -80,7 +79,6 @@ def sp_choices(gpus: int, seq_len: int, heads: int, attention: str) -> list[int]
 
 def plan(shape, base, gpus: int, capacity: int, sp_sizes, zeros, *, baseline: bool = True) -> list[dict]:
     """One row per (SP, ZeRO) and, with `baseline`, transformers without seqpar per ZeRO."""
-    from .memory import estimate
 
     rows = []
     for zero in zeros:
@@ -157,7 +155,6 @@ def add_plan_command(commands) -> None:
 
 
 def run_plan(args) -> int:
-    from .memory import RunShape
 
     shape = load_shape(args.model)
     zeros = [int(z) for z in str(args.zero).split(",")]

@@ -34,7 +34,10 @@ backward, optimizer step); `bench memory` compares it with measured peaks.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+
+from ..errors import SeqparError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # DeepSpeed defaults when its JSON does not set them (deepspeed/runtime/zero/config.py).
@@ -59,8 +62,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        import torch
-        from transformers import AutoModelForCausalLM
+        import torch  # deferred: torch, only to count parameters (plan is arithmetic)
+        from transformers import AutoModelForCausalLM  # deferred: transformers (heavy), only to count parameters
 
         with torch.device("meta"):  # exact counts without allocating anything
             model = AutoModelForCausalLM.from_config(config)
@@ -306,12 +309,22 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     return est
 
 
-def plan_for_run(cfg, world: int, *, device: str = "cuda", plain_transformers: bool = False,
-                 config=None) -> MemoryEstimate:
-    """The estimate for a seqpar run config (`seqpar.train.config.RunConfig`) on `world` ranks."""
-    from ..train.engine import load_deepspeed_config
-    from ..train.model_loader import model_config
+def load_deepspeed_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SeqparError(f"DeepSpeed config {path!r} not found; set train.deepspeed_config to one of "
+                          f"configs/deepspeed/zero{{1,2,3}}.json.") from None
+    except json.JSONDecodeError as err:
+        raise SeqparError(f"DeepSpeed config {path!r} is not valid JSON: {err}") from None
 
+
+def plan_for_run(cfg, world: int, *, config, device: str = "cuda",
+                 plain_transformers: bool = False) -> MemoryEstimate:
+    """The estimate for a seqpar run config (a `RunConfig`, read by attribute: plan does not
+    import train) on `world` ranks; `config` is the model's transformers config (the caller
+    builds it, e.g. with `seqpar.train.model_loader.model_config`)."""
     ds = load_deepspeed_config(cfg.train.deepspeed_config)
     zero = ds.get("zero_optimization", {})
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
@@ -327,7 +340,7 @@ def plan_for_run(cfg, world: int, *, device: str = "cuda", plain_transformers: b
         plain_transformers=plain_transformers,
         reduce_bucket=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), device=device)
-    return estimate(ModelShape.from_config(config or model_config(cfg)), run)
+    return estimate(ModelShape.from_config(config), run)
 
 
 def _grad_accum_dtype(ds: dict) -> str | None:

@@ -14,6 +14,7 @@ import argparse
 import json
 
 from ..errors import SeqparError
+from .elastic import convert_to_universal, is_converted, resolve_step_dir, saved_layout, universal_dir
 
 
 def add_ckpt_command(commands) -> None:
@@ -34,7 +35,6 @@ def add_ckpt_command(commands) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .elastic import is_converted, resolve_step_dir, saved_layout, universal_dir
 
     step_dir = resolve_step_dir(args.path)
     meta = json.loads((step_dir / "COMPLETE").read_text())
@@ -48,7 +48,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .elastic import convert_to_universal, resolve_step_dir
 
     if args.workers < 1:
         raise SeqparError(f"--workers must be >= 1, got {args.workers}.")

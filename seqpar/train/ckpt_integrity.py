@@ -18,6 +18,7 @@ import errno
 import hashlib
 import os
 from pathlib import Path
+import shutil
 
 VERIFY_MODES = ("full", "size")
 
@@ -28,7 +29,7 @@ def _hashers() -> dict:
     and still verifies manifests written with it."""
     found = {"blake2b": lambda: hashlib.blake2b(digest_size=32)}
     try:
-        import xxhash
+        import xxhash  # deferred: optional xxhash, blake2b without it
 
         found["xxh3_128"] = xxhash.xxh3_128
     except ImportError:
@@ -136,7 +137,6 @@ def check_files(root: Path, files: dict, *, mode: str, rank: int, world_size: in
 
 def free_bytes(path: Path) -> tuple[Path, int]:
     """(the mount point of the file system `path` is, or would be, on; bytes free there)."""
-    import shutil
 
     path = Path(os.path.abspath(path))
     while not path.exists() and path != path.parent:

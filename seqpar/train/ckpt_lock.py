@@ -20,6 +20,8 @@ import socket
 from pathlib import Path
 
 from ..errors import SeqparError
+from .safety import raise_together
+import torch.distributed as dist
 
 LOCK_NAME = ".seqpar-lock"
 
@@ -75,9 +77,7 @@ def release(root: str | Path) -> None:
 
 def acquire_together(root: str | Path, run_id: str) -> None:
     """Collective: rank 0 takes the lock; every rank raises the same error if it cannot."""
-    import torch.distributed as dist
 
-    from .safety import raise_together
 
     raise_together(lambda: acquire(root, run_id) if dist.get_rank() == 0 else None)
 
@@ -89,7 +89,6 @@ def agree_run_id() -> str:
     """Collective: this invocation's run id, chosen by rank 0 (once per process)."""
     global _run_id
     if _run_id is None:
-        import torch.distributed as dist
 
         box = [new_run_id() if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)

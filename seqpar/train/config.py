@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data.config import DataConfig  # noqa: F401  (the data section; re-exported here)
+
 
 @dataclass
 class ModelConfig:
@@ -21,17 +23,6 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     gradient_checkpointing: bool = False
     seed: int = 0  # random init seed (config_file models)
-
-
-@dataclass
-class DataConfig:
-    sources: list = field(default_factory=list)  # files/dirs (txt, jsonl, parquet); "stdlib" = Python's own sources
-    text_field: str = "text"
-    cache_dir: str = ".seqpar_cache"
-    cross_document_attention: bool = False  # True: packed documents attend across boundaries
-    upsample_long: float = 0.0  # >0 favours long documents (long-context data recipes)
-    max_documents: int | None = None
-    seed: int = 0
 
 
 @dataclass
@@ -105,7 +96,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     # Staged length schedule: each stage is a mapping of `--set`-style overrides, e.g.
     # {train.seq_len: 32768, train.steps: 500, train.lr: 1e-5}; stage k+1 starts from
-    # stage k's Hugging Face export (seqpar/train/stages.py). Empty: one stage.
+    # stage k's Hugging Face export (seqpar/stages.py). Empty: one stage.
     stages: list = field(default_factory=list)
     # Evaluations at the end of each stage (seqpar.eval.cli.run_evals), e.g.
     # {ppl: {lengths: "1k,4k", data: {sources: [stdlib], max_documents: 50}}}. Empty: none.

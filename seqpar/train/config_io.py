@@ -36,6 +36,8 @@ import yaml
 
 from ..errors import SeqparError
 from .config import RunConfig
+import argparse
+import sys
 
 
 class _Loader(yaml.SafeLoader):
@@ -273,8 +275,6 @@ def _main(argv=None) -> int:
     """`python -m seqpar.train.config_io --get KEY CONFIG [--set K=V ...] [other args]`:
     print one value (launchers use it for defaults such as parallel.sp_size). Arguments
     other than --set are ignored, so a launcher can pass its whole command line."""
-    import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m seqpar.train.config_io")
     parser.add_argument("--get", required=True, metavar="KEY")

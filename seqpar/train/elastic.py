@@ -46,6 +46,10 @@ import torch
 
 from ..errors import SeqparError
 from .checkpoint import TAG, CheckpointManager
+from .safety import agree_on_run, raise_together
+from argparse import Namespace
+import numpy as np
+import torch.distributed as dist
 
 UNIVERSAL_DIR = "universal"
 CONVERTED = "CONVERTED"  # marker written last in a finished universal conversion
@@ -196,9 +200,8 @@ def convert_to_universal(step_dir: Path, *, workers: int = 1, quiet: bool = Fals
 
     Written to a temporary directory and renamed into place after the CONVERTED marker, so
     an interrupted conversion is never used."""
-    from argparse import Namespace
 
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # deferred: deepspeed (heavy), only to convert a checkpoint
 
     step_dir = Path(step_dir)
     if not (step_dir / "COMPLETE").is_file():
@@ -252,7 +255,6 @@ def resolve_step_dir(path: Path) -> Path:
 
 def _rng_equal(a, b) -> bool:
     """Deep equality of saved generator states (tensors, numpy arrays, tuples, dicts)."""
-    import numpy as np
 
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
@@ -289,9 +291,7 @@ def remap_rank_state(plan: ResumePlan, rank: int, dataset_len: int) -> tuple[dic
 def load(engine, plan: ResumePlan, checkpoints: CheckpointManager, dataset_len: int) -> tuple[dict, dict]:
     """Collective: load `plan.checkpoint` into an engine of the new layout (its DeepSpeed
     config built with `deepspeed_config_for(plan, ...)`). Returns (client_state, rank_state)."""
-    import torch.distributed as dist
 
-    from .safety import agree_on_run, raise_together
 
     rank = dist.get_rank()
     path = plan.checkpoint

@@ -8,23 +8,12 @@ averages gradients so that SP=N trains exactly like SP=1 on the same global batc
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 
 from ..errors import SeqparError
-
-
-def load_deepspeed_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SeqparError(f"DeepSpeed config {path!r} not found; set train.deepspeed_config to one of "
-                          f"configs/deepspeed/zero{{1,2,3}}.json.") from None
-    except json.JSONDecodeError as err:
-        raise SeqparError(f"DeepSpeed config {path!r} is not valid JSON: {err}") from None
+from ..plan.memory import load_deepspeed_config
 
 
 def deepspeed_config(cfg, dp_size: int, bf16: bool) -> dict:
@@ -89,7 +78,7 @@ def lr_lambda(train):
 
 
 def initialize_engine(model, cfg, mesh, ds_config: dict):
-    import deepspeed
+    import deepspeed  # deferred: deepspeed (heavy), only when an engine is built
 
     optimizer = build_optimizer(model, cfg.train)
     kwargs = dict(model=model, config=ds_config, mpu=mesh.mpu())

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 def export_hf(model, out_dir: str, tokenizer=None, zero3: bool = False) -> Path | None:
     """Collective under ZeRO-3 (every rank gathers); rank 0 writes. Returns the directory."""
-    import deepspeed
+    import deepspeed  # deferred: deepspeed (heavy), only when exporting
 
     out = Path(out_dir)
     params = list(model.parameters())

@@ -22,9 +22,14 @@ import signal
 import threading
 import time
 
+from ..runtime import MPI_ENV_VARS
+from torch.distributed import distributed_c10d as c10d
+import sys
+import torch.distributed as dist
+
 STOP_REPORT_ENV = "SEQPAR_STOP_REPORT"
 _PR_SET_PDEATHSIG = 1
-_LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+_LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", *MPI_ENV_VARS, "SLURM_PROCID")
 
 _parent_pid: int | None = None
 
@@ -89,8 +94,6 @@ def is_timeout(error: BaseException) -> bool:
 def name_silent_ranks(grace_s: float = 10.0) -> list[int] | None:
     """Collective-free: ranks that did not say "I timed out" within `grace_s` (None when
     the store is unreachable). Call on a rank whose collective timed out."""
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
 
     try:
         store = c10d._get_default_store()
@@ -120,7 +123,6 @@ def exec_dying_with(parent_pid: int, argv: list[str]) -> None:
 
 
 if __name__ == "__main__":  # python -m seqpar.train.lifecycle PARENT_PID -- CMD ARGS...
-    import sys
 
     args = sys.argv[1:]
     if len(args) < 3 or args[1] != "--":

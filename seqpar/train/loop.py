@@ -10,8 +10,6 @@ optional Hugging Face export).
 
 from __future__ import annotations
 
-import datetime
-import os
 import random
 import sys
 import time
@@ -21,20 +19,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data import BatchIterator, build_packed_dataset, load_tokenizer
 from ..errors import SeqparError
 from ..model import enable_checkpointing, parallelize, shard_batch
 from ..ops import set_attention_kernel
 from ..parallel import init_mesh
+from ..plan.check import memory_report
 from . import elastic, lifecycle
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .ckpt_lock import acquire_together, agree_run_id
+from .export import export_hf
 from .engine import deepspeed_config, initialize_engine, sp_loss_scale, zero_stage
 from .metrics import MetricsLogger, peak_memory_gib, peak_tflops, training_flops_per_token
 from .config_io import config_hash, dump_config
-from .model_loader import load_model, model_config, resolve_dtype
+from ..runtime import init_distributed, resolve_dtype
+from .model_loader import load_model, model_config
 from .preflight import check_before_init, check_free_space, estimate_checkpoint_bytes
 from .safety import (RESUME_ADVICE, GracefulStop, agree_on_run, batch_fingerprint, check_every_step,
                      check_finite, config_fingerprint, raise_together, run_fingerprint)
+from .validate import validate_before_init, validate_config
 
 
 def shutdown_distributed() -> None:
@@ -44,34 +47,6 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """Join the job however it was launched: torchrun/deepspeed env vars, or mpirun (MPI)."""
-    import deepspeed
-    import deepspeed.comm as ds_comm
-
-    if ds_comm.is_initialized():
-        return
-    # Also when torch.distributed is already up (tests, notebooks): DeepSpeed's comm
-    # layer must be initialised over it.
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    from_mpi = not dist.is_initialized() and "RANK" not in os.environ and any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK"))
-    # MPI discovery sets MASTER_PORT from distributed_port: keep the one the launcher chose.
-    # A dead or stuck rank fails every collective after this timeout instead of hanging.
-    timeout = datetime.timedelta(minutes=timeout_minutes)
-    # Subgroups (DeviceMesh dims, the SP group, DeepSpeed's groups) are created without a
-    # timeout and so get torch's module default (30 min), not the world group's: a stopped
-    # rank then hung ring attention's p2p for 30 min. Make the default this run's timeout.
-    from torch.distributed import distributed_c10d as c10d
-    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
-        if isinstance(getattr(c10d, name, None), datetime.timedelta):
-            setattr(c10d, name, timeout)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=from_mpi, verbose=False,
-                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
-                               timeout=timeout)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def seed_everything(seed: int) -> None:
@@ -172,7 +147,6 @@ class Trainer:
 def _print_memory_plan(cfg, world: int, config) -> None:
     """The planner's estimate, and a warning with fixes when the run should not fit.
     A planner failure never stops training: it only costs the warning."""
-    from ..plan.check import memory_report
 
     try:
         line, _ = memory_report(cfg, world, config, "cuda" if torch.cuda.is_available() else "cpu")
@@ -184,7 +158,6 @@ def _print_memory_plan(cfg, world: int, config) -> None:
 def _build_data(cfg, tokenizer):
     """Any data failure (not just seqpar's own checks) as one SeqparError, so it can be
     raised on every rank together instead of killing one rank mid-collective."""
-    from ..data import build_packed_dataset
 
     try:
         return build_packed_dataset(cfg.data, tokenizer, cfg.train.seq_len)
@@ -197,10 +170,9 @@ def _build_data(cfg, tokenizer):
 
 
 def setup(cfg, resume: bool = False, stated=frozenset()) -> Trainer:
-    from ..data import BatchIterator, load_tokenizer
-    from .validate import validate_config
 
     check_before_init(cfg)  # timeout, directories writable: before any process group exists
+    validate_before_init(cfg)  # numbers, names, sizes, RoPE: a typo fails before the slow init
     init_distributed(cfg.train.dist_timeout_minutes)
     world = dist.get_world_size()
     # First collective: every rank must run the same config, or later collectives mismatch.
@@ -263,7 +235,6 @@ def train(cfg, resume: bool = False, stop_after: int | None = None, stated=froze
     same or another layout (`elastic`); `stated`: the config keys given by --set, the
     only way to change the global batch or seq_len at a resume.
     """
-    from .export import export_hf
 
     trainer = setup(cfg, resume=resume, stated=stated)
     cfg = trainer.cfg

@@ -90,7 +90,7 @@ class MetricsLogger:
         self.jsonl = open(path, "a")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # deferred: optional tensorboard
                 self.tb = SummaryWriter(log_dir)
             except Exception:  # tensorboard not installed: JSONL is enough
                 self.tb = None

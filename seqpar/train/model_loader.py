@@ -10,15 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import SeqparError
 from ..model.extend import extend_context
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return DTYPES[name]
-
+from ..runtime import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported: its old home)
 
 def model_config(cfg):
     """The transformers config of the run, with RoPE extended to train.seq_len if asked.
@@ -42,8 +34,8 @@ def model_config(cfg):
 
 def load_model(cfg, ds_config: dict, config=None):
     """Returns (model, hf_deepspeed_config); keep the second alive while training (ZeRO-3)."""
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
+    import deepspeed  # deferred: deepspeed (heavy), only for ZeRO-3 construction
+    from transformers.integrations import HfDeepSpeedConfig  # deferred: imports deepspeed
 
     config = config or model_config(cfg)
     dtype = resolve_dtype(cfg.model.dtype)

@@ -12,8 +12,10 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SeqparError
+from ..runtime import resolve_dtype
 from ..units import GIB
 from .ckpt_integrity import free_bytes
+from ..plan.memory import ModelShape
 
 
 
@@ -60,8 +62,6 @@ def checkpoint_bytes(params: int, dtype_bytes: int, optimizer: str) -> int:
 
 
 def estimate_checkpoint_bytes(cfg, config) -> int:
-    from ..plan.memory import ModelShape
-    from .model_loader import resolve_dtype
 
     params = ModelShape.from_config(config).params
     return checkpoint_bytes(params, resolve_dtype(cfg.model.dtype).itemsize, cfg.train.optimizer)

@@ -43,15 +43,25 @@ def validate_config(cfg: RunConfig, world_size: int, *, model_config=None) -> No
     vs Ulysses size, seq_len vs max_position_embeddings, byte tokenizer vs vocab)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise SeqparError(f"world size must be a positive int, got {world_size!r}.")
-    _check_numbers(cfg)
-    _check_choices(cfg)
-    _check_parallel(cfg, world_size)
-    _check_rope(cfg)
+    validate_before_init(cfg, world_size)
     _check_model_source(cfg)
     _check_data_sources(cfg)
     _check_deepspeed(cfg, _read_deepspeed_json(cfg.train.deepspeed_config), world_size)
     if model_config is not None:
         _check_model_config(cfg, model_config)
+
+
+
+def validate_before_init(cfg: RunConfig, world_size: int | None = None) -> None:
+    """The checks that read only the config itself (numbers, names, parallel sizes, layout,
+    RoPE): run before distributed init (world_size None: the world size is not known yet, so
+    its divisibility by sp_size is checked later), so a typo fails in a second, not after
+    DeepSpeed has built its communication op. Files and the DeepSpeed JSON are checked after
+    init, where a problem seen by one rank stops every rank."""
+    _check_numbers(cfg)
+    _check_choices(cfg)
+    _check_parallel(cfg, world_size)
+    _check_rope(cfg)
 
 
 # --- numbers and names ------------------------------------------------------------------
@@ -166,13 +176,15 @@ def _nearest_seq_lens(seq_len: int, sp: int, layout: str) -> tuple[int | None, i
     return below, above
 
 
-def _check_parallel(cfg: RunConfig, world_size: int) -> None:
+def _check_parallel(cfg: RunConfig, world_size: int | None) -> None:
     p, seq_len = cfg.parallel, cfg.train.seq_len
     try:
-        check_mesh_sizes(world_size, p.sp_size, p.ulysses_size)
+        # Without a world size yet: a world of one SP group checks the sizes themselves.
+        check_mesh_sizes(p.sp_size if world_size is None else world_size, p.sp_size, p.ulysses_size)
     except SeqparError as err:
-        raise SeqparError(f"parallel.sp_size={p.sp_size}, parallel.ulysses_size={p.ulysses_size}, "
-                          f"world size {world_size}: {err}") from None
+        world = "" if world_size is None else f", world size {world_size}"
+        raise SeqparError(f"parallel.sp_size={p.sp_size}, parallel.ulysses_size={p.ulysses_size}"
+                          f"{world}: {err}") from None
     u, sp = p.ulysses_size, p.sp_size
     if p.attention == "ring" and u != 1:
         raise SeqparError(f"parallel.ulysses_size={u} only applies to attention 'hybrid'; set "

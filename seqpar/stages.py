@@ -6,6 +6,9 @@ model there, optionally runs the configured evals, and stage k+1 starts from tha
 export (its RoPE extended again to the new length from the model's original length).
 A finished stage (export present) is skipped, so `--resume` continues where a job died.
 Every stage is validated before the first one starts.
+
+Layer: above both train/ and eval/ (a stage trains, then evaluates its export); train/
+never imports eval/.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ import copy
 import json
 from pathlib import Path
 
-from ..errors import SeqparError
-from .config_io import apply_override
+import torch.distributed as dist
+
+from .errors import SeqparError
+from .eval.cli import run_evals
+from .parallel import init_mesh
+from .runtime import init_distributed
+from .train.config_io import apply_override
+from .train.lifecycle import die_with_launcher
+from .train.loop import train
+from .train.preflight import check_before_init
+from .train.validate import validate_before_init, validate_config
 
 
 def stage_configs(cfg) -> list:
@@ -57,18 +69,12 @@ def validate_stages(stages, world_size: int, validate) -> None:
 
 
 def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stated=frozenset()) -> None:
-    import torch.distributed as dist
-
-    from .loop import init_distributed, train
-    from .validate import validate_config
-
-    from .lifecycle import die_with_launcher
-    from .preflight import check_before_init
-
     die_with_launcher()  # an orphaned worker must never go on training and writing checkpoints
     stages = stage_configs(cfg)
     for stage in stages:  # before any process group exists: a bad timeout or directory fails here
         check_before_init(stage)
+    # Config typos too: in a second, not after DeepSpeed's distributed init.
+    validate_stages(stages, None, lambda stage, _world: validate_before_init(stage))
     init_distributed(cfg.train.dist_timeout_minutes)
     validate_stages(stages, dist.get_world_size(), validate_config)
     for index, stage in enumerate(stages, start=1):
@@ -88,9 +94,6 @@ def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stat
 
 
 def _evaluate(stage, eval_cfg: dict, index: int) -> None:
-    from ..eval.cli import run_evals
-    from ..parallel import init_mesh
-
     mesh = init_mesh(stage.parallel.sp_size, stage.parallel.ulysses_size)
     cfg = dict(eval_cfg, out=str(Path(stage.checkpoint.export_hf).parent / "eval"),
                label=eval_cfg.get("label") or f"stage {index} ({stage.train.seq_len} tokens)",
