@@ -34,9 +34,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import SeqparError
+from ..parallel import ALGORITHMS
 from ..units import MIB
 
-ALGOS = ("ring", "ulysses", "hybrid")
+ALGOS = ALGORITHMS
 SINGLE = "single"  # the world-size-1 baseline row
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SeqparError
+from ..parallel import ALGORITHMS
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -38,7 +39,7 @@ def _common_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     g = p.add_argument_group("sequence parallelism")
     g.add_argument("--sp-size", type=int, default=1, help="ranks sharing one sequence (default 1)")
     g.add_argument("--ulysses-size", type=int, default=1, help="Ulysses part of the SP group (hybrid)")
-    g.add_argument("--attention", choices=("ring", "ulysses", "hybrid"), default="ring")
+    g.add_argument("--attention", choices=ALGORITHMS, default="ring")
     g.add_argument("--layout", choices=("zigzag", "contiguous", "stripe"), default="zigzag")
     g.add_argument("--fused-rope", action="store_true", help="seqpar's fused RoPE op instead of the model's")
     r = p.add_argument_group("RoPE scaling at evaluation time (same weights, other positions)")

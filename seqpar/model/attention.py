@@ -15,10 +15,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from ..errors import SeqparError
-from ..parallel import hybrid_attention, ring_attention, ulysses_attention
+from ..parallel import ALGORITHMS, hybrid_attention, ring_attention, ulysses_attention
 
 ATTN_IMPLEMENTATION = "seqpar"
-ALGORITHMS = ("ring", "ulysses", "hybrid")
 
 
 @dataclass(frozen=True)

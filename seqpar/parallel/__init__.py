@@ -7,8 +7,11 @@ from .mesh import DeepSpeedMPU, SeqParallelMesh, check_mesh_sizes, init_mesh
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 
+# The sequence-parallel attention algorithms, named once: config validation, CLIs and bench import it.
+ALGORITHMS = ("ring", "ulysses", "hybrid")
+
 __all__ = [
-    "LAYOUTS", "CommCounter", "DeepSpeedMPU", "SeqParallelMesh", "check_layout", "check_mesh_sizes",
+    "ALGORITHMS", "LAYOUTS", "CommCounter", "DeepSpeedMPU", "SeqParallelMesh", "check_layout", "check_mesh_sizes",
     "count_comm", "hybrid_attention", "init_mesh", "ring_attention", "shard", "shard_chunks",
     "shard_positions", "ulysses_attention", "unshard",
 ]

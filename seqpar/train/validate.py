@@ -21,14 +21,12 @@ import os
 
 from ..errors import SeqparError
 from ..ops.registry import KERNEL_NAMES
-from ..parallel import LAYOUTS, check_layout, check_mesh_sizes
+from ..parallel import ALGORITHMS, LAYOUTS, check_layout, check_mesh_sizes
 from ..parallel.ulysses import kv_replication
 from .ckpt_integrity import VERIFY_MODES
 from .config import RunConfig
 
-# Same names as seqpar.model.attention.ALGORITHMS (a test keeps them equal); not imported
-# from there because that module imports transformers, and validation must be quick.
-ATTENTIONS = ("ring", "ulysses", "hybrid")
+ATTENTIONS = ALGORITHMS  # named once in seqpar.parallel
 DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "sgd", "deepspeed")
 ROPE_METHODS = ("none", "linear", "dynamic", "yarn", "llama3", "longrope", "abf")
