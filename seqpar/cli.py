@@ -24,7 +24,22 @@ import os
 import sys
 
 from . import __version__
+from .bench import attention
+from .bench.doctor import add_parser as add_doctor
+from .bench.kernels import add_parser as add_kernels_bench
+from .bench.loss import run_loss_memory_bench
+from .bench.memory import add_parser as add_memory_bench
 from .errors import SeqparError
+from .eval.cli import add_eval_commands
+from .ops import _build, attention_backend
+from .parallel.spawn import DistributedRunError
+from .plan.cli import add_plan_command
+from .stages import run_stages
+from .studies.extend import add_study_commands
+from .train.ckpt_cli import add_ckpt_command
+from .train.config_io import load_config
+from .train.elastic import stated_keys
+from .train.loop import shutdown_distributed
 
 
 def _bench_attention_args(p: argparse.ArgumentParser) -> None:
@@ -59,9 +74,6 @@ def _bench_attention_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench_attention(args) -> int:
-    from .bench import attention
-    from .parallel.spawn import DistributedRunError
-
     cfg = attention.BenchConfig(
         algos=attention.parse_algos(args.algo), world_size=args.world_size,
         seq_len=args.seq_len, ulysses_size=args.ulysses_size, batch=args.batch,
@@ -78,11 +90,6 @@ def _run_bench_attention(args) -> int:
 
 
 def _run_train(args) -> int:
-    from .train.config_io import load_config
-    from .train.elastic import stated_keys
-    from .train.loop import shutdown_distributed
-    from .stages import run_stages
-
     cfg = load_config(args.config, args.set or ())
     run_stages(cfg, resume=args.resume, stop_after=args.stop_after, stated=stated_keys(args.set))
     shutdown_distributed()
@@ -90,8 +97,6 @@ def _run_train(args) -> int:
 
 
 def _run_build_ext(args) -> int:
-    from .ops import _build, attention_backend
-
     status = _build.load_extension()
     print(f"built: {status.kind} ({status.reason})")
     print(f"sources: {', '.join(status.sources)}")
@@ -104,8 +109,6 @@ def _run_build_ext(args) -> int:
 
 
 def _run_bench_loss(args) -> int:
-    from .bench.loss import run_loss_memory_bench
-
     lengths = [int(x) for x in args.seq_len.split(",")]
     run_loss_memory_bench(lengths, vocab=args.vocab, hidden=args.hidden, dtype=args.dtype,
                           chunk_size=args.chunk_size, mem_limit_gib=args.mem_limit_gib)
@@ -151,22 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--mem-limit-gib", type=float, default=None,
                       help="cap each process's memory so a path that does not fit fails cleanly")
     loss.set_defaults(func=_run_bench_loss)
-    from .bench.memory import add_parser as add_memory_bench  # seqpar/bench/memory.py
     add_memory_bench(benches)
-    from .bench.kernels import add_parser as add_kernels_bench  # seqpar/bench/kernels.py
     add_kernels_bench(benches)
     bench.set_defaults(func=lambda args: _missing(bench))
 
-    from .eval.cli import add_eval_commands  # seqpar eval ppl | passkey (seqpar/eval/cli.py)
     add_eval_commands(commands)
-    from .studies.extend import add_study_commands  # seqpar study extend (seqpar/studies/extend.py)
     add_study_commands(commands)
-    from .plan.cli import add_plan_command  # seqpar plan (seqpar/plan/cli.py)
     add_plan_command(commands)
-    from .train.ckpt_cli import add_ckpt_command  # seqpar ckpt info | convert (seqpar/train/ckpt_cli.py)
     add_ckpt_command(commands)
 
-    from .bench.doctor import add_parser as add_doctor  # seqpar/bench/doctor.py
     add_doctor(commands)
 
     commands.add_parser(

@@ -378,7 +378,7 @@ def test_model_config_accepts_valid_heads_and_extensions(workdir):
 
 
 def test_attention_names_match_the_model_layer():
-    from seqpar.model.attention import ALGORITHMS
+    from seqpar.parallel import ALGORITHMS
     assert ATTENTIONS == ALGORITHMS
 
 

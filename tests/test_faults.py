@@ -305,7 +305,7 @@ def _stalled_peer_on_subgroup():
     import torch.distributed as dist
 
     from seqpar.parallel import init_mesh
-    from seqpar.train.loop import init_distributed
+    from seqpar.runtime import init_distributed
 
     init_distributed(0.05)  # train.dist_timeout_minutes: 3 s
     mesh = init_mesh(2)  # the SP group is a subgroup, made after init: it must inherit 3 s

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "seqpar"
 
@@ -113,12 +112,6 @@ def test_the_check_can_fail(tmp_path, monkeypatch):
 _read = Path.read_text
 
 
-# Packages still holding function-level imports without a reason (issue 16, in progress):
-# remove an entry once its imports are at the top or carry `# deferred: <reason>`.
-NOT_YET_CLEAN = {"eval/cli.py", "eval/passkey.py", "eval/perplexity.py", "bench", "cli.py", "studies",
-                 "ops", "parallel", "model"}
-
-
 def function_level_imports(path: Path):
     """(line, source line) of imports inside a def/class body that lack a `# deferred:` reason."""
     text = path.read_text()
@@ -138,8 +131,6 @@ def test_function_level_imports_say_why():
     bad = []
     for path in seqpar_files():
         rel = path.relative_to(ROOT).as_posix()
-        if rel in NOT_YET_CLEAN or rel.split("/")[0] in NOT_YET_CLEAN:
-            continue
         bad += [f"seqpar/{rel}:{line}: {src}" for line, src in function_level_imports(path)]
     assert not bad, ("move these imports to the top of the module, or add `# deferred: <reason>` "
                      "(a heavy optional dependency):\n" + "\n".join(bad))

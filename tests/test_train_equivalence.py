@@ -22,7 +22,7 @@ from seqpar.model import parallelize, shard_batch
 from seqpar.parallel import init_mesh
 from seqpar.train.config import RunConfig
 from seqpar.train.engine import deepspeed_config, initialize_engine, sp_loss_scale
-from seqpar.train.loop import init_distributed
+from seqpar.runtime import init_distributed
 
 from .distributed import run_distributed
 

@@ -33,8 +33,24 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
+import torch
+import torch.distributed as dist
+
 from ..errors import SeqparError
-from ..parallel import ALGORITHMS
+from ..ops import attention, registry, set_attention_kernel
+from ..ops.registry import check_kernel_name
+from ..parallel import (
+    ALGORITHMS,
+    count_comm,
+    hybrid_attention,
+    init_mesh,
+    ring_attention,
+    shard,
+    ulysses_attention,
+)
+from ..parallel.layout import LAYOUTS
+from ..parallel.spawn import run_distributed
+from ..parallel.volume import expected_comm
 from ..units import MIB
 
 ALGOS = ALGORITHMS
@@ -111,7 +127,6 @@ def validate(cfg: BenchConfig) -> None:
 
     Runs in the parent before anything is spawned."""
     parse_algos(cfg.algos)
-    from ..ops.registry import check_kernel_name
     for kernel in cfg.kernels:
         check_kernel_name(kernel, "--kernel")
     for flag, value, low in (("--world-size", cfg.world_size, 1), ("--seq-len", cfg.seq_len, 1),
@@ -127,7 +142,6 @@ def validate(cfg: BenchConfig) -> None:
         raise SeqparError(f"--dtype {cfg.dtype!r} is not supported; choose {' or '.join(DTYPES)}.")
     if cfg.device not in DEVICES:
         raise SeqparError(f"--device {cfg.device!r} is not supported; choose {' or '.join(DEVICES)}.")
-    from ..parallel.layout import LAYOUTS
     if cfg.layout not in LAYOUTS:
         raise SeqparError(f"unknown --layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}.")
     if cfg.heads % cfg.kv_heads != 0:
@@ -158,7 +172,6 @@ def validate(cfg: BenchConfig) -> None:
                     "--algo hybrid does not compose with --layout stripe; use --layout zigzag "
                     "or contiguous.")
     if cfg.device == "cuda":
-        import torch
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if have < w:
             raise SeqparError(
@@ -221,7 +234,6 @@ class PeakMemory:
 
     def start(self) -> None:
         if self.device.type == "cuda":
-            import torch
             torch.cuda.synchronize(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated"
@@ -231,7 +243,6 @@ class PeakMemory:
 
     def reset_peak(self) -> None:
         if self.device.type == "cuda":
-            import torch
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.peak_reset = True
@@ -248,7 +259,6 @@ class PeakMemory:
         out = {"baseline_bytes": self.baseline, "method": self.method,
                "peak_reset": self.peak_reset}
         if self.device.type == "cuda":
-            import torch
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
@@ -269,13 +279,6 @@ class PeakMemory:
 
 def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
     """One rank of one run (spawned by run_distributed; module-level so spawn can pickle it)."""
-    import torch
-    import torch.distributed as dist
-
-    from ..ops import attention, registry, set_attention_kernel
-    from ..parallel import count_comm, hybrid_attention, init_mesh, ring_attention, shard
-    from ..parallel import ulysses_attention
-
     cfg = BenchConfig(**cfg_dict)
     set_attention_kernel(kernel)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -360,7 +363,6 @@ def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
 # ----------------------------------------------------------------------------- runs
 
 def _theory(algo: str, cfg: BenchConfig) -> dict:
-    from ..parallel.volume import expected_comm
     if algo == SINGLE:
         return {"fwd": {"calls": {}, "bytes_sent": {}}, "bwd": {"calls": {}, "bytes_sent": {}},
                 "total_bytes": 0}
@@ -412,7 +414,6 @@ def _summarize(algo: str, cfg: BenchConfig, ranks: list, wall_s: float) -> dict:
 
 
 def _device_text(cfg: BenchConfig) -> str:
-    import torch
     if cfg.device == "cuda":
         return f"CUDA nccl, {cfg.world_size} x {torch.cuda.get_device_name(0)}"
     try:
@@ -428,10 +429,6 @@ def _log(msg: str) -> None:
 
 def run(cfg: BenchConfig, log=_log) -> dict:
     """Validate, run every algorithm (and the baseline), return all numbers."""
-    import torch
-
-    from ..parallel.spawn import run_distributed
-
     cfg = replace(cfg, algos=parse_algos(cfg.algos))
     validate(cfg)
     backend = "nccl" if cfg.device == "cuda" else "gloo"

@@ -15,9 +15,9 @@ import torch
 
 from ..errors import SeqparError
 from ..ops import registry
-from ..ops.masks import CAUSAL, MaskKind
-from ..ops.attention import run_backward, run_forward
 from ..ops._build import load_extension
+from ..ops.attention import run_backward, run_forward
+from ..ops.masks import CAUSAL, MaskKind
 
 
 def _speed(backend, device, dtype, head_dim, seq_len: int, heads: int) -> str:

@@ -32,8 +32,24 @@ import os
 import platform
 import statistics
 import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..errors import SeqparError
+from ..ops import (
+    apply_rope,
+    apply_rope_from_positions,
+    attention,
+    attention_backend,
+    registry,
+)
+from ..ops.attention import run_backward, run_forward
+from ..ops.masks import CAUSAL, MaskKind
+from ..units import parse_tokens
 
 OPS = ("rope", "attention")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -59,10 +75,6 @@ def _log(msg: str) -> None:
 def resolve_config(device=None, seq_lens=None, batch=1, heads=None, kv_heads=None, head_dim=None,
                    dtype=None, iters=None, warmup=None, ops=OPS, compile=True, seed=0) -> dict:
     """Fill per-device defaults and validate; raise SeqparError naming the flag to change."""
-    import torch
-
-    from ..units import parse_tokens
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in DEFAULTS:
         raise SeqparError(f"--device {device!r} is not supported; choose cpu or cuda.")
@@ -100,9 +112,6 @@ def resolve_config(device=None, seq_lens=None, batch=1, heads=None, kv_heads=Non
 
 def _timed(fn, device, iters: int, warmup: int) -> list[float]:
     """Seconds per call of fn, `iters` times after `warmup` untimed calls."""
-    import time
-
-    import torch
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -130,7 +139,6 @@ def _max_diff(got, want) -> float:
 
 def _measure(cfg, device, fn, reference, context=contextlib.nullcontext) -> dict:
     """Check fn once against `reference` (None: no check), then time it; errors become a row."""
-    import torch
     try:
         with context():
             result = fn()
@@ -148,7 +156,6 @@ def _measure(cfg, device, fn, reference, context=contextlib.nullcontext) -> dict
 
 
 def _inputs(cfg, device, seq_len, *head_counts):
-    import torch
     g = torch.Generator().manual_seed(cfg["seed"] + seq_len)  # drawn on the CPU: same numbers anywhere
     return [torch.randn(cfg["batch"], seq_len, h, cfg["head_dim"], generator=g)
             .to(device=device, dtype=getattr(torch, cfg["dtype"])) for h in head_counts]
@@ -156,14 +163,12 @@ def _inputs(cfg, device, seq_len, *head_counts):
 
 def _hf_rope_bshd(q, k, cos, sin):
     """transformers' eager rope on bshd tensors: cos/sin [1, s, d] broadcast over dim 2."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
 
 def _compile_hf_rope():
     """The eager rope under torch.compile, one static-shape graph per length (compiled lazily,
     on the untimed check call); a failure shows up in the row, not as a crash."""
-    import torch
     try:
         return torch.compile(_hf_rope_bshd, dynamic=False, fullgraph=True)
     except Exception as exc:
@@ -175,10 +180,6 @@ def _compile_hf_rope():
 
 
 def _rope_rows(cfg, device, s, compiled_hf):
-    import torch
-
-    from ..ops import apply_rope, apply_rope_from_positions
-
     q, k = _inputs(cfg, device, s, cfg["heads"], cfg["kv_heads"])
     d = cfg["head_dim"]
     positions = torch.arange(s, device=device)
@@ -207,12 +208,6 @@ def _rope_rows(cfg, device, s, compiled_hf):
 
 
 def _attention_rows(cfg, device, s):
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from ..ops import attention
-
     q, k, v, dout = _inputs(cfg, device, s, cfg["heads"], cfg["kv_heads"], cfg["kv_heads"], cfg["heads"])
     for t in (q, k, v):
         t.requires_grad_(True)
@@ -273,12 +268,6 @@ def _attention_rows(cfg, device, s):
 
 def _kernel_paths(q, k, v, dout, device) -> list:
     """One path per self-tested registry kernel that serves a causal block here."""
-    import torch
-
-    from ..ops import registry
-    from ..ops.attention import run_backward, run_forward
-    from ..ops.masks import CAUSAL, MaskKind
-
     kind, mask, head_dim = MaskKind(CAUSAL), {"causal": True}, q.shape[-1]
     paths = []
     for backend in registry.order(device.type):
@@ -300,7 +289,6 @@ def _kernel_paths(q, k, v, dout, device) -> list:
 # ----------------------------------------------------------------------------- run + report
 
 def _device_text(device) -> str:
-    import torch
     if device.type == "cuda":
         return f"CUDA, {torch.cuda.get_device_name(device)}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -311,10 +299,6 @@ def _device_text(device) -> str:
 def run_kernel_bench(*, json_path=None, out=None, log=_log, **options) -> list[dict]:
     """Measure every op, path and length (options: see `resolve_config`), print the report
     to `out` (stdout), write JSON if asked, and return the rows."""
-    import torch
-
-    from ..ops import attention_backend
-
     cfg = resolve_config(**options)
     device = torch.device(cfg["device"])
     started = datetime.datetime.now().astimezone()

@@ -28,6 +28,12 @@ import resource
 import sys
 import time
 
+import torch
+import torch.nn.functional as F
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from ..model.loss import default_chunk_size, sharded_cross_entropy
+from ..parallel.spawn import DistributedRunError, run_distributed
 from ..units import GIB, MIB
 from .attention import PeakMemory
 
@@ -44,12 +50,6 @@ def _vm_size_bytes() -> int:
 
 def _loss_step(path, seq_len, vocab, hidden_size, dtype_name, chunk_size, seed, mem_limit_bytes):
     """One path at one length, in a spawned process; returns the memory readings."""
-    import torch
-    import torch.nn.functional as F
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    from ..model.loss import sharded_cross_entropy
-
     dtype = getattr(torch, dtype_name)
 
     def step(hidden, weight, labels):
@@ -95,9 +95,6 @@ def run_loss_memory_bench(seq_len, vocab=131072, hidden=256, dtype="bfloat16", *
                           timeout=3600.0, out=None) -> list[dict]:
     """Measure every path at every length (``seq_len``: an int or a list), print a table
     to ``out`` (stdout) and return one dict per (length, path)."""
-    from ..model.loss import default_chunk_size
-    from ..parallel.spawn import DistributedRunError, run_distributed
-
     lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
     limit = int(mem_limit_gib * GIB) if mem_limit_gib else None
     chunk = chunk_size or default_chunk_size(vocab)

@@ -24,11 +24,24 @@ Variants:
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+import torch.distributed as dist
+
+from ..errors import SeqparError
+from ..model import enable_checkpointing, parallelize, shard_batch
+from ..parallel import init_mesh
+from ..parallel.spawn import DistributedRunError, run_distributed
+from ..plan.memory import plan_for_run
+from ..runtime import resolve_dtype
+from ..train.config import RunConfig
+from ..train.engine import deepspeed_config, initialize_engine, sp_loss_scale
+from ..train.model_loader import load_model, model_config
 from ..units import MIB
 from .attention import PeakMemory
 
@@ -47,8 +60,6 @@ class Variant:
 
 def variants(names, tile: int) -> list[Variant]:
     """Each named variant; the '+' ones add their feature to all before them."""
-    from ..errors import SeqparError
-
     out, ckpt, mlp, layer, offload = [], False, None, None, False
     for name in VARIANTS:
         ckpt = ckpt or name == "+ckpt"
@@ -76,8 +87,6 @@ def _fixed_malloc() -> None:
 
 
 def _run_config(model_file, variant: Variant, seq_len, zero_json, dtype):
-    from ..train.config import RunConfig
-
     cfg = RunConfig()
     cfg.model.config_file = model_file
     cfg.model.dtype = dtype
@@ -92,13 +101,6 @@ def _run_config(model_file, variant: Variant, seq_len, zero_json, dtype):
 
 def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed, mark, config=None):
     """Build, wrap and train `steps` steps on random tokens; `mark(name)` after each phase."""
-    import torch
-
-    from ..model import enable_checkpointing, parallelize, shard_batch
-    from ..parallel import init_mesh
-    from ..train.engine import deepspeed_config, initialize_engine, sp_loss_scale
-    from ..train.model_loader import load_model, model_config, resolve_dtype
-
     cfg = _run_config(model_file, variant, seq_len, zero_json, dtype)
     mesh = init_mesh(torch.distributed.get_world_size() if variant.seqpar else 1)
     config = config or model_config(cfg)
@@ -135,10 +137,6 @@ def _prime(model_file, variant: Variant, zero_json, dtype, seed) -> None:
     """Run the same code once on a tiny copy of the model, so that what the first run
     of a process loads for good (Python modules, DeepSpeed's comm ops and their shared
     buffers, allocator arenas) is in the baseline and not counted as the run's."""
-    import gc
-
-    from ..train.model_loader import model_config
-
     config = model_config(_run_config(model_file, variant, 64, zero_json, dtype))
     for name, value in {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128,
                         "vocab_size": 256, "head_dim": 16,
@@ -152,8 +150,6 @@ def _prime(model_file, variant: Variant, zero_json, dtype, seed) -> None:
 def _rank_steps(model_file, variant_dict, seq_len, zero_json, dtype, steps, seed):
     """Runs on each rank: prime, then measure `_train` from a baseline."""
     _fixed_malloc()
-    import torch
-    import torch.distributed as dist
 
     variant = Variant(**variant_dict)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
@@ -180,10 +176,6 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
     """Measure every variant at every length, with the planner's prediction beside it.
     Each row is reported (and `json_path` rewritten) as soon as it is measured, so a run
     cut short by a time limit keeps what it measured."""
-    from ..parallel.spawn import DistributedRunError, run_distributed
-    from ..plan.memory import plan_for_run
-    from ..train.model_loader import model_config
-
     zero_json = f"configs/deepspeed/zero{zero}.json"
     rows = []
     chosen = [v for v in variants(variant_names, tile)
@@ -267,10 +259,7 @@ def add_parser(benches) -> None:
 
 
 def _run_cli(args) -> int:
-    from ..errors import SeqparError
-
     if args.device == "cuda":
-        import torch
         if torch.cuda.device_count() < args.world_size:
             raise SeqparError(f"--device cuda needs {args.world_size} GPUs (one per rank); "
                               f"{torch.cuda.device_count()} visible. Lower --world-size or use --device cpu.")

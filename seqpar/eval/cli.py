@@ -20,9 +20,18 @@ import re
 import sys
 from pathlib import Path
 
-from ..errors import SeqparError
-from ..parallel import ALGORITHMS
+import torch.distributed as dist
 
+from ..data import load_tokenizer
+from ..errors import SeqparError
+from ..parallel import ALGORITHMS, init_mesh
+from ..units import parse_token_list, parse_tokens
+from .passkey import evaluate_passkey
+from .passkey import markdown as passkey_markdown
+from .perplexity import default_stride, evaluate_perplexity, window_ends
+from .perplexity import markdown as ppl_markdown
+from .plots import plot_passkey, plot_perplexity
+from .runner import launch, load_model
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -104,15 +113,8 @@ def _log(line: str) -> None:
 
 def _setup(opts: dict):
     """Tokenizer, model and mesh of this rank (mesh None outside a distributed job)."""
-    import torch.distributed as dist
-
-    from ..data import load_tokenizer
-    from .runner import load_model
-
     mesh = None
     if dist.is_initialized():
-        from ..parallel import init_mesh
-
         mesh = init_mesh(opts["sp_size"], opts["ulysses_size"])
     tokenizer = load_tokenizer(opts["tokenizer"] or opts["model"])
     model = load_model(opts["model"], dtype=opts["dtype"], rope=opts["rope"])
@@ -124,8 +126,6 @@ def _parallel_kw(opts: dict) -> dict:
 
 
 def ppl_job(opts: dict) -> dict:
-    from .perplexity import evaluate_perplexity
-
     tokenizer, model, mesh = _setup(opts)
     return evaluate_perplexity(model, tokenizer, opts["data"], opts["lengths"], mesh=mesh,
                                num_sequences=opts["num_sequences"], buckets=opts["buckets"],
@@ -133,8 +133,6 @@ def ppl_job(opts: dict) -> dict:
 
 
 def passkey_job(opts: dict) -> dict:
-    from .passkey import evaluate_passkey
-
     tokenizer, model, mesh = _setup(opts)
     return evaluate_passkey(model, tokenizer, opts["lengths"], opts["depths"], trials=opts["trials"],
                             seed=opts["seed"], mesh=mesh, **_parallel_kw(opts))
@@ -143,8 +141,6 @@ def passkey_job(opts: dict) -> dict:
 # ----------------------------------------------------------------------------- outputs (rank 0)
 
 def _is_writer() -> bool:
-    import torch.distributed as dist
-
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -159,8 +155,6 @@ def _write_json(result: dict, path: Path) -> None:
 
 def write_ppl(result: dict, out, compare=()) -> tuple[Path, Path]:
     """<out>/ppl.json (the result, with `compare`: the other results) and <out>/ppl.png."""
-    from .plots import plot_perplexity
-
     out = Path(out)
     result = dict(result, compare=list(compare))
     _write_json(result, out / "ppl.json")
@@ -169,8 +163,6 @@ def write_ppl(result: dict, out, compare=()) -> tuple[Path, Path]:
 
 
 def write_passkey(result: dict, out) -> tuple[Path, Path]:
-    from .plots import plot_passkey
-
     out = Path(out)
     _write_json(result, out / "passkey.json")
     return out / "passkey.json", plot_passkey(result, out / "passkey.png")
@@ -205,8 +197,6 @@ def _unique_labels(results: list[dict]) -> None:
 # ----------------------------------------------------------------------------- commands
 
 def _options(args, lengths: list[int]) -> dict:
-    from ..units import parse_tokens
-
     rope = None
     if args.rope_method:
         target = parse_tokens(args.rope_target) if args.rope_target else max(lengths)
@@ -251,10 +241,6 @@ def _describe(result: dict, args, opts: dict) -> dict:
 
 
 def run_ppl_command(args) -> int:
-    from .perplexity import markdown
-    from ..units import parse_token_list
-    from .runner import launch
-
     compare = [load_result(p, "ppl") for p in args.compare or []]
     if args.model is None:
         if not compare:
@@ -269,7 +255,6 @@ def run_ppl_command(args) -> int:
         if any(n % multiple for n in opts["lengths"]):  # before any rank starts
             raise SeqparError(f"every --lengths value must be a multiple of {multiple} ({args.layout} layout over "
                               f"--sp-size {args.sp_size}); got {opts['lengths']}.")
-        from .perplexity import default_stride, window_ends
 
         stride = args.stride or default_stride(opts["lengths"])
         window_ends(opts["lengths"], stride, args.windows)  # bad stride/windows: fail before any rank starts
@@ -283,16 +268,12 @@ def run_ppl_command(args) -> int:
     _unique_labels([result, *compare])
     out = Path(args.out or Path("runs/eval") / _slug(result["label"]))
     paths = write_ppl(result, out, compare)
-    print("\n" + markdown([result, *compare]) + "\n")
+    print("\n" + ppl_markdown([result, *compare]) + "\n")
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
 
 def run_passkey_command(args) -> int:
-    from .passkey import markdown
-    from ..units import parse_token_list
-    from .runner import launch
-
     opts = _options(args, parse_token_list(args.lengths))
     try:
         depths = [float(d) for d in args.depths.split(",") if d.strip()]
@@ -303,7 +284,7 @@ def run_passkey_command(args) -> int:
     if not _is_writer():
         return 0
     paths = write_passkey(result, Path(args.out or Path("runs/eval") / _slug(result["label"])))
-    print("\n" + markdown(result) + "\n")
+    print("\n" + passkey_markdown(result) + "\n")
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
@@ -321,12 +302,6 @@ def run_evals(model_dir, eval_cfg: dict, *, mesh=None, log=_log) -> dict:
     sequences are sharded as in training); rank 0 writes the JSON and PNG files.
     Returns {"ppl": result, "passkey": result} for the evaluations run.
     """
-    from ..data import load_tokenizer
-    from .passkey import evaluate_passkey
-    from .perplexity import evaluate_perplexity
-    from ..units import parse_token_list
-    from .runner import load_model
-
     cfg = dict(eval_cfg)
     out = Path(cfg.get("out") or Path(model_dir) / "eval")
     label = cfg.get("label") or Path(model_dir).resolve().name

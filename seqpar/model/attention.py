@@ -15,7 +15,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from ..errors import SeqparError
-from ..parallel import ALGORITHMS, hybrid_attention, ring_attention, ulysses_attention
+from ..parallel import hybrid_attention, ring_attention, ulysses_attention
+from ..parallel.ulysses import kv_replication
 
 ATTN_IMPLEMENTATION = "seqpar"
 
@@ -71,8 +72,6 @@ def register_attention() -> None:
 
 def check_model_heads(config, plan: SeqParallelPlan) -> None:
     """Heads vs Ulysses size, before any communication."""
-    from ..parallel.ulysses import kv_replication
-
     ulysses = {"ring": 1, "ulysses": plan.mesh.sp_size, "hybrid": plan.mesh.ulysses_size}[plan.algorithm]
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

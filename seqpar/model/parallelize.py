@@ -17,8 +17,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import SeqparError
 from ..parallel import LAYOUTS
-from .attention import (ALGORITHMS, ATTN_IMPLEMENTATION, SeqParallelPlan, check_model_heads,
-                        register_attention)
+from .attention import (
+    ALGORITHMS,
+    ATTN_IMPLEMENTATION,
+    SeqParallelPlan,
+    check_model_heads,
+    register_attention,
+)
 from .dynamic_rope import use_global_dynamic_rope
 from .loss import sharded_cross_entropy
 from .rope import use_fused_rope

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sys
 
+from ..ops import apply_rope
+
 _ORIGINALS: dict = {}
 
 
 def _fused_apply_rotary_pos_emb(original):
-    from ..ops import apply_rope
-
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if cos.shape[-1] != q.shape[-1]:  # partial rotary: leave it to the model
             return original(q, k, cos, sin, *args, **kwargs)

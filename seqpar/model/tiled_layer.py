@@ -27,6 +27,7 @@ from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import SeqparError
 from .tiled_mlp import tile_module
@@ -93,8 +94,6 @@ def _tiled_layer(layer, plain_forward, tile_tokens: int):
         return fn(*args)
 
     def tiled(hidden_states, position_embeddings, kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         cos, sin = position_embeddings
         xs = hidden_states.split(tile_tokens, dim=1)
         bounds = [0]

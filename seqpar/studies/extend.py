@@ -26,7 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from ..data import load_tokenizer
 from ..errors import SeqparError
+from ..eval.passkey import COMPACT, evaluate_passkey
+from ..eval.perplexity import evaluate_perplexity
+from ..eval.runner import load_model
+from .report import write_report
+from .retrieval_data import held_out_dir, real_text_files, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("none", "linear", "dynamic", "abf", "yarn", "llama3")
@@ -64,8 +72,6 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
 
 def load_study(path, *, fast: bool = False, out=None) -> dict:
     """The study settings: DEFAULTS, overridden by the YAML file, then by its `fast:` section."""
-    import yaml
-
     try:
         given = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
@@ -101,9 +107,6 @@ class Study:
 
     # ------------------------------------------------------------------ data
     def corpus(self, name: str, max_len: int, docs: int, seed: int) -> Path:
-        from ..eval.passkey import COMPACT
-        from .retrieval_data import real_text_files, write_corpus
-
         path = self.out / "data" / f"{name}.jsonl"
         if not path.exists():
             info = write_corpus(path.with_suffix(".tmp"), real_files=real_text_files(self.cfg["data"]["real_files"]),
@@ -129,8 +132,6 @@ class Study:
         return rope if for_training else {"target_len": target, **rope}
 
     def train(self, name: str, run: dict) -> Path:
-        import yaml
-
         run_dir = self.out / "runs" / name
         hf = run_dir / "hf"
         if (hf / "config.json").exists():
@@ -179,12 +180,6 @@ class Study:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, name: str, model_dir: Path, rope: dict | None) -> dict:
-        from ..data import load_tokenizer
-        from ..eval.passkey import COMPACT, evaluate_passkey
-        from ..eval.perplexity import evaluate_perplexity
-        from ..eval.runner import load_model
-        from .retrieval_data import held_out_dir
-
         path = self.out / "evals" / f"{name}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -240,8 +235,6 @@ class Study:
     def report(self, partial: bool = False) -> dict:
         """results.json, table.md and study.png from the evaluations done so far (`partial`:
         some may be missing, e.g. a study stopped early; they show as '-')."""
-        from .report import write_report
-
         rows = []
         for name, method, factor, stage in self.steps():
             path = self.out / "evals" / f"{name}.json"

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..units import format_tokens
 
 NAMES = {"none": "none", "linear": "PI (linear)", "dynamic": "dynamic NTK", "abf": "ABF", "yarn": "YaRN",
@@ -122,11 +124,10 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # deferred: heavy plotting library, needed only for the PNG
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # deferred: as above, after choosing the Agg backend
 
     lengths, factors, methods = results["lengths"], results["factors"], results["methods"]
     colors = dict(zip(("none", "linear", "dynamic", "abf", "yarn", "llama3"), plt.cm.tab10.colors))

@@ -16,7 +16,9 @@ from another seed; a copied key would not help anyway (keys are random per docum
 from __future__ import annotations
 
 import json
+import os
 import random
+import sysconfig
 from pathlib import Path
 
 from ..data.sources import stdlib_files
@@ -32,9 +34,6 @@ def real_text_files(count: int) -> list[str]:
 
 
 def held_out_dir() -> str:
-    import os
-    import sysconfig
-
     return os.path.join(sysconfig.get_paths()["stdlib"], HELD_OUT_PACKAGE)
 
 

@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import SeqparError
 from ..model.extend import extend_context
-from ..runtime import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported: its old home)
+from ..runtime import resolve_dtype
+
 
 def model_config(cfg):
     """The transformers config of the run, with RoPE extended to train.seq_len if asked.
