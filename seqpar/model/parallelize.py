@@ -16,9 +16,8 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import SeqparError
-from ..parallel import LAYOUTS
+from ..parallel import ALGORITHMS, LAYOUTS
 from .attention import (
-    ALGORITHMS,
     ATTN_IMPLEMENTATION,
     SeqParallelPlan,
     check_model_heads,
