@@ -91,6 +91,84 @@ def _stop(procs) -> None:
             p.join()
 
 
+class _Reports:
+    """What the ranks reported: results and errors by rank, and the order of failures."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.results, self.errors, self.order = world_size, {}, {}, []
+
+    def take(self, item) -> None:
+        rank, ok, payload = item
+        if ok:
+            self.results[rank] = pickle.loads(payload)
+        else:
+            self.fail(rank, payload)
+
+    def fail(self, rank: int, text: str) -> None:
+        self.errors[rank] = text
+        self.order.append(rank)
+
+    def done(self) -> bool:
+        return len(self.results) + len(self.errors) >= self.world_size
+
+    def silent(self) -> list[int]:
+        return [r for r in range(self.world_size) if r not in self.results and r not in self.errors]
+
+    def blame_the_dead(self, procs, q) -> None:
+        """Children that died without a report: drain what is already in the pipe first,
+        then blame the rest on their exit code."""
+        dead = [r for r in self.silent() if procs[r].exitcode is not None]
+        if not dead:
+            return
+        try:
+            while True:
+                self.take(q.get_nowait())
+        except queue_mod.Empty:
+            pass
+        for r in dead:
+            if r in self.silent():
+                self.fail(r, f"process exited with code {procs[r].exitcode} without reporting a result\n")
+
+
+def _collect(reports: _Reports, procs, q, deadline: float) -> bool:
+    """Wait for every rank's report (a rank failing gives the others FAIL_GRACE_S more);
+    True when the whole run's deadline passed first."""
+    kill_at = None  # set once a rank fails
+    while not reports.done():
+        now = time.monotonic()
+        if now >= deadline:
+            return True
+        if kill_at is not None and now >= kill_at:
+            return False
+        try:
+            reports.take(q.get(timeout=POLL_S))
+        except queue_mod.Empty:
+            reports.blame_the_dead(procs, q)
+        if reports.errors and kill_at is None:
+            kill_at = time.monotonic() + FAIL_GRACE_S
+    return False
+
+
+def _raise_failures(reports: _Reports, procs, timed_out: bool, timeout, backend) -> None:
+    results, order, silent = reports.results, reports.order, reports.silent()
+    where = f"world_size={reports.world_size}, backend={backend}"
+    blocks = "\n".join(f"--- rank {r} ---\n{reports.errors[r]}" for r in order)
+    if timed_out:
+        raise DistributedRunError(
+            f"run_distributed timed out after timeout={timeout}s ({where}); ranks finished: "
+            f"{sorted(results)}; ranks failed: {order}; ranks killed while still running: {silent}\n" + blocks)
+    if reports.errors:
+        raise DistributedRunError(
+            f"rank {order[0]} failed ({where}, timeout={timeout}s); ranks failed in order: {order}; "
+            f"ranks finished: {sorted(results)}; ranks killed {FAIL_GRACE_S}s after the first failure: "
+            f"{silent}\n" + blocks)
+    bad_exit = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0}
+    if bad_exit:
+        raise DistributedRunError(
+            f"all ranks reported results but exited uncleanly (rank: exit code, "
+            f"negative = killed by signal) {bad_exit}; timeout={timeout}s")
+
+
 def run_distributed(fn, world_size, *args, timeout=300.0, backend="gloo", **kwargs):
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return results by rank.
 
@@ -104,58 +182,16 @@ def run_distributed(fn, world_size, *args, timeout=300.0, backend="gloo", **kwar
     q = ctx.Queue()
     port = _free_port()
     pg_timeout_s = max(1.0, min(timeout * 0.9, timeout - 5.0))
-    procs = []
-    results, errors, order = {}, {}, []  # order: ranks in order of failure
+    procs, reports = [], _Reports(world_size)
     deadline = time.monotonic() + timeout
-    kill_at = None  # set once a rank fails
-    timed_out = False
-
-    def take(item):
-        rank, ok, payload = item
-        if ok:
-            results[rank] = pickle.loads(payload)
-        else:
-            errors[rank] = payload
-            order.append(rank)
-
     try:
         for rank in range(world_size):
-            p = ctx.Process(
-                target=_worker, name=f"rank{rank}",
-                args=(rank, world_size, port, backend, pg_timeout_s, fn, args, kwargs, q),
-            )
+            p = ctx.Process(target=_worker, name=f"rank{rank}",
+                            args=(rank, world_size, port, backend, pg_timeout_s, fn, args, kwargs, q))
             p.start()
             procs.append(p)
-
-        while len(results) + len(errors) < world_size:
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = True
-                break
-            if kill_at is not None and now >= kill_at:
-                break
-            try:
-                take(q.get(timeout=POLL_S))
-            except queue_mod.Empty:
-                # Children that died without a report: drain what is already in
-                # the pipe first, then blame the rest on their exit code.
-                dead = [r for r, p in enumerate(procs)
-                        if p.exitcode is not None and r not in results and r not in errors]
-                if dead:
-                    try:
-                        while True:
-                            take(q.get_nowait())
-                    except queue_mod.Empty:
-                        pass
-                    for r in dead:
-                        if r not in results and r not in errors:
-                            errors[r] = (f"process exited with code {procs[r].exitcode} "
-                                         "without reporting a result\n")
-                            order.append(r)
-            if errors and kill_at is None:
-                kill_at = time.monotonic() + FAIL_GRACE_S
-
-        if not errors and not timed_out:
+        timed_out = _collect(reports, procs, q, deadline)
+        if not reports.errors and not timed_out:
             # Everyone reported; give them the rest of the budget to exit cleanly.
             for p in procs:
                 p.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -163,25 +199,5 @@ def run_distributed(fn, world_size, *args, timeout=300.0, backend="gloo", **kwar
         _stop(procs)
         q.close()
         q.join_thread()
-
-    silent = [r for r in range(world_size) if r not in results and r not in errors]
-    blocks = [f"--- rank {r} ---\n{errors[r]}" for r in order]
-    if timed_out:
-        raise DistributedRunError(
-            f"run_distributed timed out after timeout={timeout}s "
-            f"(world_size={world_size}, backend={backend}); "
-            f"ranks finished: {sorted(results)}; ranks failed: {order}; "
-            f"ranks killed while still running: {silent}\n" + "\n".join(blocks))
-    if errors:
-        raise DistributedRunError(
-            f"rank {order[0]} failed (world_size={world_size}, backend={backend}, "
-            f"timeout={timeout}s); "
-            f"ranks failed in order: {order}; ranks finished: {sorted(results)}; "
-            f"ranks killed {FAIL_GRACE_S}s after the first failure: {silent}\n"
-            + "\n".join(blocks))
-    bad_exit = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0}
-    if bad_exit:
-        raise DistributedRunError(
-            f"all ranks reported results but exited uncleanly (rank: exit code, "
-            f"negative = killed by signal) {bad_exit}; timeout={timeout}s")
-    return [results[r] for r in range(world_size)]
+    _raise_failures(reports, procs, timed_out, timeout, backend)
+    return [reports.results[r] for r in range(world_size)]
