@@ -277,6 +277,46 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------- ranks
 
+def _attention_step(algo: str, cfg, world: int):
+    """(mesh or None, forward function of (q, k, v)) for one algorithm."""
+    causal, layout = cfg.causal, cfg.layout
+    if algo == SINGLE:
+        return None, lambda q, k, v: attention(q, k, v, causal=causal)[0]
+    mesh = init_mesh(world, ulysses_size_for(algo, cfg))
+    if algo == "ring":
+        return mesh, lambda q, k, v: ring_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout)
+    if algo == "ulysses":
+        return mesh, lambda q, k, v: ulysses_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout)
+    return mesh, lambda q, k, v: hybrid_attention(q, k, v, mesh, causal=causal, layout=layout)
+
+
+def _timed_passes(step_fwd, tensors, cfg, sync):
+    """Forward+backward `warmup + iters` times; (times of the timed ones, comm of the first)."""
+    q, k, v, dout = tensors
+    times, comm = [], {}
+    for i in range(cfg.warmup + cfg.iters):
+        q.grad = k.grad = v.grad = None
+        dist.barrier()
+        sync()
+        t0 = time.perf_counter()
+        if i == 0:  # counting is a Counter update per call: same cost as the other passes
+            with count_comm() as fwd:
+                out = step_fwd(q, k, v)
+            with count_comm() as bwd:
+                out.backward(dout)
+            comm = {"fwd": {"calls": dict(fwd.calls), "bytes_sent": dict(fwd.bytes_sent)},
+                    "bwd": {"calls": dict(bwd.calls), "bytes_sent": dict(bwd.bytes_sent)}}
+        else:
+            out = step_fwd(q, k, v)
+            out.backward(dout)
+        sync()
+        elapsed = time.perf_counter() - t0
+        del out
+        if i >= cfg.warmup:
+            times.append(elapsed)
+    return times, comm
+
+
 def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
     """One rank of one run (spawned by run_distributed; module-level so spawn can pickle it)."""
     cfg = BenchConfig(**cfg_dict)
@@ -285,23 +325,9 @@ def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
     device = (torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda"
               else torch.device("cpu"))
     dtype = getattr(torch, cfg.dtype)
-    causal, layout = cfg.causal, cfg.layout
+    layout = cfg.layout
 
-    mesh = None
-    if algo == SINGLE:
-        def step_fwd(q, k, v):
-            return attention(q, k, v, causal=causal)[0]
-    else:
-        mesh = init_mesh(world, ulysses_size_for(algo, cfg))
-        if algo == "ring":
-            def step_fwd(q, k, v):
-                return ring_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout)
-        elif algo == "ulysses":
-            def step_fwd(q, k, v):
-                return ulysses_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout)
-        else:
-            def step_fwd(q, k, v):
-                return hybrid_attention(q, k, v, mesh, causal=causal, layout=layout)
+    mesh, step_fwd = _attention_step(algo, cfg, world)
 
     def sync():
         if device.type == "cuda":
@@ -333,27 +359,7 @@ def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
         t.requires_grad_(True)
     mem.reset_peak()
 
-    times, comm = [], {}
-    for i in range(cfg.warmup + cfg.iters):
-        q.grad = k.grad = v.grad = None
-        dist.barrier()
-        sync()
-        t0 = time.perf_counter()
-        if i == 0:  # counting is a Counter update per call: same cost as the other passes
-            with count_comm() as fwd:
-                out = step_fwd(q, k, v)
-            with count_comm() as bwd:
-                out.backward(dout)
-            comm = {"fwd": {"calls": dict(fwd.calls), "bytes_sent": dict(fwd.bytes_sent)},
-                    "bwd": {"calls": dict(bwd.calls), "bytes_sent": dict(bwd.bytes_sent)}}
-        else:
-            out = step_fwd(q, k, v)
-            out.backward(dout)
-        sync()
-        elapsed = time.perf_counter() - t0
-        del out
-        if i >= cfg.warmup:
-            times.append(elapsed)
+    times, comm = _timed_passes(step_fwd, (q, k, v, dout), cfg, sync)
     memory = mem.result()
     return {"rank": rank, "times_s": times, "median_s": statistics.median(times),
             "comm": comm, "memory": memory, "backend": served_text(registry.served_summary(device.type)),

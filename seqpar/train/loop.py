@@ -227,6 +227,20 @@ def setup(cfg, resume: bool = False, stated=frozenset()) -> Trainer:
                    loss_scale=sp_loss_scale(ds_config, mesh.sp_size), resume_plan=plan)
 
 
+def _report_failure(e: Exception, trainer) -> None:
+    """The survivors of a dead or hung peer see only a backend error (connection reset,
+    timed out); say where this rank was and how to go on. The launcher's summary
+    (torchrun) names the rank that died first."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    silent = lifecycle.name_silent_ranks() if lifecycle.is_timeout(e) else None
+    who = (f"rank(s) {silent} stopped answering (hung or dead: they never reported this timeout)"
+           if silent else "if a peer rank died or hung, this rank's collectives fail too; the "
+           "launcher's summary names the rank that failed first")
+    print(f"[seqpar] rank {dist.get_rank()} failed after step {trainer.step}: {type(e).__name__}: "
+          f"{first}\n[seqpar] {who}. Last complete checkpoint: "
+          f"{trainer.checkpoints.latest()}; continue with --resume.", file=sys.stderr, flush=True)
+
+
 def train(cfg, resume: bool = False, stop_after: int | None = None, stated=frozenset()) -> list[dict]:
     """Run (or continue) training; returns the per-step metrics of this invocation.
 
@@ -272,17 +286,7 @@ def train(cfg, resume: bool = False, stop_after: int | None = None, stated=froze
                 print(f"[seqpar] exported Hugging Face model to {cfg.checkpoint.export_hf}", flush=True)
     except Exception as e:
         if not isinstance(e, SeqparError):  # those are already clear and raised on every rank
-            # The survivors of a dead or hung peer see only a backend error (connection reset,
-            # timed out); say where this rank was and how to go on. The launcher's summary
-            # (torchrun) names the rank that died first.
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            silent = lifecycle.name_silent_ranks() if lifecycle.is_timeout(e) else None
-            who = (f"rank(s) {silent} stopped answering (hung or dead: they never reported this timeout)"
-                   if silent else "if a peer rank died or hung, this rank's collectives fail too; the "
-                   "launcher's summary names the rank that failed first")
-            print(f"[seqpar] rank {dist.get_rank()} failed after step {trainer.step}: {type(e).__name__}: "
-                  f"{first}\n[seqpar] {who}. Last complete checkpoint: "
-                  f"{trainer.checkpoints.latest()}; continue with --resume.", file=sys.stderr, flush=True)
+            _report_failure(e, trainer)
         raise
     finally:
         stop.restore()
