@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from . import __version__
 from .bench import attention
@@ -195,7 +196,22 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except SeqparError as e:
-        parser.exit(2, f"seqpar: error: {e}\n")
+        print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
+        _let_sibling_ranks_report()
+        return parser.exit(2)
+
+
+# Seconds a rank that failed a check before the process group exists waits before exiting:
+# torchrun kills the other ranks as soon as one exits, and each must say its error too.
+SIBLING_REPORT_GRACE_S = 3.0
+
+
+def _let_sibling_ranks_report() -> None:
+    import torch.distributed as dist  # deferred: only on this error path
+
+    if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1 \
+            and not dist.is_initialized():
+        time.sleep(SIBLING_REPORT_GRACE_S)
 
 
 if __name__ == "__main__":
