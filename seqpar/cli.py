@@ -30,7 +30,7 @@ from .bench.doctor import add_parser as add_doctor
 from .bench.kernels import add_parser as add_kernels_bench
 from .bench.loss import run_loss_memory_bench
 from .bench.memory import add_parser as add_memory_bench
-from .errors import SeqparError
+from .errors import SeqparError, print_error
 from .eval.cli import add_eval_commands
 from .ops import _build, attention_backend
 from .parallel.spawn import DistributedRunError
@@ -85,7 +85,7 @@ def _run_bench_attention(args) -> int:
     try:
         attention.main(cfg, json_path=args.json)
     except DistributedRunError as e:
-        print(f"seqpar: error: a benchmark rank failed:\n{e}", file=sys.stderr)
+        print_error(f"a benchmark rank failed:\n{e}")
         return 1
     return 0
 
@@ -196,21 +196,19 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except SeqparError as e:
-        print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
+        print_error(str(e))
         _let_sibling_ranks_report()
         return parser.exit(2)
 
 
-# Seconds a rank that failed a check before the process group exists waits before exiting:
-# torchrun kills the other ranks as soon as one exits, and each must say its error too.
+# Seconds a failing rank waits before exiting: torchrun kills the other ranks as soon as one
+# exits, and each must get to say its error too (before the process group exists, or when
+# a collective check failed on every rank at once and a sibling is a moment behind).
 SIBLING_REPORT_GRACE_S = 3.0
 
 
 def _let_sibling_ranks_report() -> None:
-    import torch.distributed as dist  # deferred: only on this error path
-
-    if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1 \
-            and not dist.is_initialized():
+    if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
         time.sleep(SIBLING_REPORT_GRACE_S)
 
 

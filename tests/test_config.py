@@ -8,6 +8,7 @@ import json
 import random
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -586,3 +587,22 @@ def test_good_config_reaches_distributed_init(workdir, monkeypatch):
     monkeypatch.setattr(stages, "init_distributed", stop)
     with pytest.raises(Reached):
         run_stages(load_config("run.yaml"))
+
+
+def test_error_line_is_one_write_so_ranks_cannot_interleave(monkeypatch):
+    """Two ranks sharing an unbuffered stderr pipe: print() would write text and newline
+    separately, and a sibling's line could land between them (seen in CI)."""
+    from seqpar.errors import print_error
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    print_error("checkpoint.dir x is in use")
+    assert writes == ["seqpar: error: checkpoint.dir x is in use\n"]

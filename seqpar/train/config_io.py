@@ -34,7 +34,7 @@ import typing
 
 import yaml
 
-from ..errors import SeqparError
+from ..errors import SeqparError, print_error
 from .config import RunConfig
 import argparse
 import sys
@@ -284,7 +284,7 @@ def _main(argv=None) -> int:
     try:
         value = get_value(load_config(args.config, args.set), args.get)
     except SeqparError as err:
-        print(f"seqpar: error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     print(json.dumps(value) if isinstance(value, (dict, list)) else value)
     return 0
