@@ -24,14 +24,9 @@ example:
 USAGE
 }
 
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
-case "$1" in -h|--help) usage; exit 0 ;; esac
-CONFIG=$1; shift
-if [[ ! -f $CONFIG ]]; then echo "cpu_gloo.sh: config $CONFIG not found" >&2; exit 2; fi
-
-PYTHON=${PYTHON:-python}
-# Default N = sp_size, read through seqpar's own loader so `--set parallel.sp_size=2` counts.
-NPROC=${NPROC:-$("$PYTHON" -m seqpar.train.config_io --get parallel.sp_size "$CONFIG" "$@")}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+launch_config "$@"; shift
+NPROC=${NPROC:-$(config_sp_size "$@")}   # default: the config's parallel.sp_size
 
 export OMP_NUM_THREADS=1          # N processes share the cores: no oversubscription
 export GLOO_SOCKET_IFNAME=lo      # all ranks on this machine: loopback only
@@ -40,8 +35,6 @@ export CUDA_VISIBLE_DEVICES=""    # CPU ranks even on a GPU machine (gloo, fp32)
 rdzv=(--standalone)
 if [[ -n ${MASTER_PORT:-} ]]; then rdzv=(--rdzv-backend c10d --rdzv-endpoint "localhost:$MASTER_PORT"); fi
 
-# SIGTERM/SIGINT: checkpoint, then exit 0; the workers die with this script (supervise.sh).
-source "$(dirname "${BASH_SOURCE[0]}")/supervise.sh"
 set -x
 supervise "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$NPROC" \
     -m seqpar.cli train "$CONFIG" "$@"

@@ -30,12 +30,8 @@ example (2 nodes x 8 GPUs):
 USAGE
 }
 
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
-case "$1" in -h|--help) usage; exit 0 ;; esac
-CONFIG=$1; shift
-if [[ ! -f $CONFIG ]]; then echo "deepspeed.sh: config $CONFIG not found" >&2; exit 2; fi
-
-PYTHON=${PYTHON:-python}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+launch_config "$@"; shift
 if [[ -n ${DEEPSPEED:-} ]]; then
     read -r -a launcher <<<"$DEEPSPEED"
 elif command -v deepspeed >/dev/null; then
@@ -46,7 +42,7 @@ fi
 
 args=(--master_port "${MASTER_PORT:-29500}" --launcher "${LAUNCHER:-pdsh}")
 if [[ -n ${HOSTFILE:-} ]]; then
-    if [[ ! -f $HOSTFILE ]]; then echo "deepspeed.sh: HOSTFILE $HOSTFILE not found" >&2; exit 2; fi
+    if [[ ! -f $HOSTFILE ]]; then launch_fail "HOSTFILE $HOSTFILE not found"; fi
     args+=(--hostfile "$HOSTFILE")
 fi
 if [[ -n ${NUM_NODES:-} ]]; then args+=(--num_nodes "$NUM_NODES"); fi

@@ -29,20 +29,14 @@ example (4 CPU ranks):
 USAGE
 }
 
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
-case "$1" in -h|--help) usage; exit 0 ;; esac
-CONFIG=$1; shift
-if [[ ! -f $CONFIG ]]; then echo "mpirun.sh: config $CONFIG not found" >&2; exit 2; fi
-
-PYTHON=${PYTHON:-python}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+launch_config "$@"; shift
 MPIRUN=${MPIRUN:-mpirun}
 if ! command -v "${MPIRUN%% *}" >/dev/null; then
-    echo "mpirun.sh: $MPIRUN not found; install the mpi extra: pip install -e '.[mpi]'" >&2
-    exit 2
+    launch_fail "$MPIRUN not found; install the mpi extra: pip install -e '.[mpi]'"
 fi
 if ! "$PYTHON" -c 'import mpi4py' 2>/dev/null; then
-    echo "mpirun.sh: mpi4py is not installed; pip install -e '.[mpi]'" >&2
-    exit 2
+    launch_fail "mpi4py is not installed; pip install -e '.[mpi]'"
 fi
 
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
@@ -50,7 +44,7 @@ if [[ -z ${NP:-} ]]; then
     if [[ $gpus -gt 0 ]]; then
         NP=$gpus
     else
-        NP=$("$PYTHON" -m seqpar.train.config_io --get parallel.sp_size "$CONFIG" "$@")
+        NP=$(config_sp_size "$@")
     fi
 fi
 if [[ $gpus -eq 0 ]]; then

@@ -34,25 +34,19 @@ examples:
 USAGE
 }
 
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
-case "$1" in -h|--help) usage; exit 0 ;; esac
-CONFIG=$1; shift
-if [[ ! -f $CONFIG ]]; then echo "torchrun.sh: config $CONFIG not found" >&2; exit 2; fi
-
-PYTHON=${PYTHON:-python}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+launch_config "$@"; shift
 if [[ -z ${NPROC:-} ]]; then
     NPROC=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
     if [[ $NPROC -lt 1 ]]; then
-        echo "torchrun.sh: no GPU visible; set NPROC, or use launch/cpu_gloo.sh for CPU ranks" >&2
-        exit 2
+        launch_fail "no GPU visible; set NPROC, or use launch/cpu_gloo.sh for CPU ranks"
     fi
 fi
 
 NNODES=${NNODES:-1}
 if [[ $NNODES -gt 1 ]]; then
     if [[ -z ${RDZV_ENDPOINT:-} ]]; then
-        echo "torchrun.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the first node), the same on every node" >&2
-        exit 2
+        launch_fail "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the first node), the same on every node"
     fi
     rdzv=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-seqpar}")
 elif [[ -n ${MASTER_PORT:-} ]]; then
@@ -61,8 +55,6 @@ else
     rdzv=(--standalone)
 fi
 
-# SIGTERM/SIGINT: checkpoint, then exit 0; the workers die with this script (supervise.sh).
-source "$(dirname "${BASH_SOURCE[0]}")/supervise.sh"
 set -x
 supervise "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes "$NNODES" --nproc-per-node "$NPROC" \
     -m seqpar.cli train "$CONFIG" "$@"

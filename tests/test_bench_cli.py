@@ -83,3 +83,21 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"seqpar {seqpar.__version__}"
+
+
+def test_every_command_is_registered_one_way(capsys):
+    """Each command and bench comes from a module's `add_parser(subparsers)` listed in
+    seqpar/cli.py; a group named without its subcommand prints its help and exits 2."""
+    from seqpar import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert sorted(commands) == sorted(["train", "bench", "eval", "study", "plan", "ckpt", "doctor", "build-ext"])
+    assert all(fn.__name__ in ("add_parser", "_add_train", "_add_bench", "_add_build_ext")
+               for fn in cli.COMMANDS + cli.BENCHES)
+    for group, members in [("bench", {"attention", "loss", "memory", "kernels"}), ("eval", {"ppl", "passkey"}),
+                           ("study", {"extend"}), ("ckpt", {"info", "convert"})]:
+        sub = next(a for a in commands[group]._actions if a.dest == group).choices
+        assert set(sub) == members
+        assert main([group]) == 2
+        assert f"usage: seqpar {group}" in capsys.readouterr().err

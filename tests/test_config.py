@@ -525,9 +525,9 @@ LAUNCHERS = ["torchrun.sh", "deepspeed.sh", "mpirun.sh", "slurm.sbatch", "cpu_gl
 
 
 def test_every_launcher_is_listed():
-    # quickstart.sh is the demo driver and supervise.sh a helper the launchers source, not
-    # launchers of `seqpar train CONFIG.yaml`.
-    helpers = ("quickstart.sh", "supervise.sh")
+    # quickstart.sh is the demo driver; common.sh and supervise.sh are sourced by the
+    # launchers: none is a launcher of `seqpar train CONFIG.yaml`.
+    helpers = ("quickstart.sh", "common.sh", "supervise.sh")
     assert sorted(p.name for p in (REPO / "launch").iterdir() if p.name not in helpers) == sorted(LAUNCHERS)
 
 
@@ -542,6 +542,17 @@ def test_launcher_usage(name):
     assert ok.returncode == 0 and "usage:" in ok.stdout and "CONFIG.yaml" in ok.stdout
     bad = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+@pytest.mark.parametrize("name", [n for n in LAUNCHERS if n.endswith(".sh")])
+def test_launchers_share_one_preamble(name, tmp_path):
+    """Argument handling is written once, in launch/common.sh: a missing config is the same
+    clear error, naming the launcher, from every script."""
+    path = REPO / "launch" / name
+    assert 'source "$(dirname "${BASH_SOURCE[0]}")/common.sh"' in path.read_text()
+    bad = subprocess.run(["bash", str(path), "nope.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and f"{name}: config nope.yaml not found" in bad.stderr, bad.stderr
 
 
 # --- before distributed init (issue 16) -------------------------------------------------

@@ -2,7 +2,7 @@
 layer or layers below it — at module level AND inside functions (a function-level import
 hides a cycle, it does not remove it).
 
-    errors, units < ops < runtime < parallel < model < data < plan < train < eval
+    errors, units, commands < ops < runtime < parallel < model < data < plan < train < eval
         < stages, studies < bench < cli
 
 Same-layer imports are allowed (a package imports its own modules).
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "seqpar"
 
 # Bottom up. A module's layer is its first dotted component under seqpar/.
 LAYERS = [
-    {"errors", "units", "__init__"},
+    {"errors", "units", "commands", "__init__"},
     {"ops"},
     {"runtime"},
     {"parallel"},

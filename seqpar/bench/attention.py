@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
-from ..errors import SeqparError
+from ..errors import SeqparError, print_error
 from ..ops import attention, registry, set_attention_kernel
 from ..ops.registry import check_kernel_name
 from ..parallel import (
@@ -49,7 +49,7 @@ from ..parallel import (
     ulysses_attention,
 )
 from ..parallel.layout import LAYOUTS
-from ..parallel.spawn import run_distributed
+from ..parallel.spawn import DistributedRunError, run_distributed
 from ..parallel.volume import expected_comm
 from ..units import MIB
 
@@ -529,3 +529,56 @@ def main(cfg: BenchConfig, json_path: str | None = None, out=None) -> dict:
         write_json(result, json_path)
         _log(f"[bench] wrote {json_path}")
     return result
+
+
+def add_parser(benches) -> None:
+    """Register ``seqpar bench attention`` on the subparsers object of ``seqpar bench``."""
+    p = benches.add_parser(
+        "attention", help="ring / Ulysses / hybrid attention vs one process",
+        description="Time, bytes sent (measured vs theoretical) and peak memory per rank of "
+                    "sequence-parallel attention forward+backward on spawned processes, "
+                    "against one process doing the whole sequence.")
+    p.add_argument("--algo", default="ring",
+                   help="ring, ulysses, hybrid, or several comma-separated (default: ring)")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks W")
+    p.add_argument("--seq-len", type=int, required=True, help="total sequence length S")
+    p.add_argument("--ulysses-size", type=int, default=2,
+                   help="hybrid only: Ulysses group size U (ring size W/U; default 2)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads (GQA/MQA)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--layout", choices=("zigzag", "contiguous", "stripe"), default="zigzag")
+    p.add_argument("--no-causal", dest="causal", action="store_false",
+                   help="full (bidirectional) attention instead of causal")
+    p.add_argument("--iters", type=int, default=3, help="timed forward+backward passes")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes before them")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the world-size-1 run (and the ratios against it)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo processes; cuda: nccl, one GPU per rank (default: cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds allowed for each spawned run (default: 3600)")
+    p.add_argument("--kernel", default="auto",
+                   help="local attention kernel order(s) to compare side by side, comma-separated: "
+                        "auto, flash, cudnn, efficient, flash-attn, seqpar, torch (default: auto)")
+    p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    p.set_defaults(func=_run_command)
+
+
+def _run_command(args) -> int:
+    cfg = BenchConfig(
+        algos=parse_algos(args.algo), world_size=args.world_size,
+        seq_len=args.seq_len, ulysses_size=args.ulysses_size, batch=args.batch,
+        heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+        layout=args.layout, causal=args.causal, iters=args.iters, warmup=args.warmup,
+        baseline=args.baseline, device=args.device, seed=args.seed, timeout=args.timeout,
+        kernels=tuple(k.strip() for k in args.kernel.split(",") if k.strip()))
+    try:
+        main(cfg, json_path=args.json)
+    except DistributedRunError as e:
+        print_error(f"a benchmark rank failed:\n{e}")
+        return 1
+    return 0

@@ -34,7 +34,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..model.loss import default_chunk_size, sharded_cross_entropy
 from ..parallel.spawn import DistributedRunError, run_distributed
-from ..units import GIB, MIB
+from ..units import GIB, MIB, parse_token_list
 from .attention import PeakMemory
 
 PATHS = ("transformers", "seqpar tiled")
@@ -139,3 +139,26 @@ def format_table(rows, mem_limit_gib=None) -> str:
               + (f"; address space limited to {mem_limit_gib} GiB above start-up" if mem_limit_gib else "")
               + "."]
     return "\n".join(lines)
+
+
+def add_parser(benches) -> None:
+    """Register ``seqpar bench loss`` on the subparsers object of ``seqpar bench``."""
+    loss = benches.add_parser(
+        "loss", help="peak memory of the LM-head loss step: transformers' default vs seqpar tiled",
+        description="One loss forward+backward per path and length, each in its own process; "
+                    "peak memory above the inputs, as a ratio to transformers' default path.")
+    loss.add_argument("--seq-len", default="4096,8192", help="comma-separated token counts, e.g. 4k,8k")
+    loss.add_argument("--vocab", type=int, default=131072)
+    loss.add_argument("--hidden", type=int, default=256)
+    loss.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    loss.add_argument("--chunk-size", type=int, default=None, help="tokens per tile (default: ~256 MiB of logits)")
+    loss.add_argument("--mem-limit-gib", type=float, default=None,
+                      help="cap each process's memory so a path that does not fit fails cleanly")
+    loss.set_defaults(func=_run_command)
+
+
+def _run_command(args) -> int:
+    lengths = parse_token_list(args.seq_len)
+    run_loss_memory_bench(lengths, vocab=args.vocab, hidden=args.hidden, dtype=args.dtype,
+                          chunk_size=args.chunk_size, mem_limit_gib=args.mem_limit_gib)
+    return 0

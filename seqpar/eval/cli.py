@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
+from ..commands import add_group
 from ..data import load_tokenizer
 from ..errors import SeqparError
 from ..parallel import ALGORITHMS, init_mesh
@@ -60,10 +60,10 @@ def _common_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     r.add_argument("--rope-target", help="target length (default: the longest --lengths)")
 
 
-def add_eval_commands(commands) -> None:
+def add_parser(commands) -> None:
     """Add `eval ppl` and `eval passkey` to the `seqpar` subcommands."""
-    ev = commands.add_parser("eval", help="long-context evaluation: perplexity by length, passkey retrieval")
-    evals = ev.add_subparsers(dest="eval", metavar="EVAL")
+    evals = add_group(commands, "eval", help="long-context evaluation: perplexity by length, passkey retrieval",
+                      metavar="EVAL")
     ppl = evals.add_parser(
         "ppl", help="perplexity at each length, and loss by position",
         description="Perplexity at each evaluation length on the SAME tokens (sliding windows of L tokens "
@@ -97,12 +97,6 @@ def add_eval_commands(commands) -> None:
     pk.add_argument("--trials", type=int, default=5, help="random keys per (length, depth) (default 5)")
     pk.add_argument("--seed", type=int, default=0, help="seed of the random keys")
     pk.set_defaults(func=run_passkey_command)
-
-    def missing(args) -> int:
-        ev.print_help(sys.stderr)
-        return 2
-
-    ev.set_defaults(func=missing)
 
 
 # ----------------------------------------------------------------------------- jobs (all ranks)

@@ -121,7 +121,7 @@ def format_plan(rows, shape, base, gpus: int, capacity: int) -> str:
     return "\n".join(lines)
 
 
-def add_plan_command(commands) -> None:
+def add_parser(commands) -> None:
     p = commands.add_parser(
         "plan", help="per-GPU memory for each SP size / ZeRO stage, and the longest sequence that fits",
         description="Predict per-GPU memory of a training step (parameters, gradients, optimizer "

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from ..data import load_tokenizer
+from ..commands import add_group
 from ..errors import SeqparError
 from ..eval.passkey import COMPACT, evaluate_passkey
 from ..eval.perplexity import evaluate_perplexity
@@ -264,9 +265,9 @@ class Study:
                 "passkey": pk["accuracy"], "passkey_depths": pk["depths"], "passkey_trials": pk["trials"]}
 
 
-def add_study_commands(commands) -> None:
-    study = commands.add_parser("study", help="studies that train and evaluate (e.g. context extension)")
-    studies = study.add_subparsers(dest="study", metavar="STUDY")
+def add_parser(commands) -> None:
+    studies = add_group(commands, "study", help="studies that train and evaluate (e.g. context extension)",
+                        metavar="STUDY")
     ext = studies.add_parser(
         "extend", help="context-extension methods table: zero-shot and after continued pretraining",
         description="Pretrain a small model at L, extend it to 4L/8L with none / PI / dynamic NTK / ABF / YaRN / "

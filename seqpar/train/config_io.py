@@ -37,7 +37,6 @@ import yaml
 from ..errors import SeqparError, print_error
 from .config import RunConfig
 import argparse
-import sys
 
 
 class _Loader(yaml.SafeLoader):
