@@ -2,7 +2,7 @@
 layer or layers below it — at module level AND inside functions (a function-level import
 hides a cycle, it does not remove it).
 
-    errors, units, commands < ops < runtime < parallel < model < data < plan < train < eval
+    errors, units, tables, commands < ops < runtime < parallel < model < data < plan < train < eval
         < stages, studies < bench < cli
 
 Same-layer imports are allowed (a package imports its own modules).
@@ -13,12 +13,16 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+from seqpar.tables import markdown_header, markdown_row, markdown_table
+
 
 ROOT = Path(__file__).resolve().parents[1] / "seqpar"
 
 # Bottom up. A module's layer is its first dotted component under seqpar/.
 LAYERS = [
-    {"errors", "units", "commands", "__init__"},
+    {"errors", "units", "tables", "commands", "__init__"},
     {"ops"},
     {"runtime"},
     {"parallel"},
@@ -141,3 +145,31 @@ def test_function_level_check_can_fail(monkeypatch):
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (
         "def f():\n    import json\n    import deepspeed  # deferred: heavy\n" if self == fake else _read(self)))
     assert function_level_imports(fake) == [(2, "import json")]
+
+
+# ----------------------------------------------------------------------------- seqpar/tables.py
+
+def test_tables_imports_no_seqpar_module():
+    assert not [t for _, t in _imports(ROOT / "tables.py") if t.startswith("seqpar")]
+
+
+def test_markdown_table_alignment_and_cells():
+    lines = markdown_table(["name", "n", "x"], [["a", 1, 0.5], ("b", None, "-")], align="lrr")
+    assert lines == ["| name | n | x |", "|---|--:|--:|", "| a | 1 | 0.5 |", "| b | None | - |"]
+    assert markdown_table(["a", "b"], [])[1] == "|---|---|"  # default: left
+    assert markdown_header(["a", "b"], ["r", "l"])[1] == "|--:|---|"
+
+
+def test_markdown_cells_cannot_break_the_table():
+    assert markdown_row(["failed: a | b", "two\nlines", ""]) == "| failed: a \\| b | two lines |  |"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: markdown_table(["a", "b"], [["1", "2"], ["only one"]]),
+    lambda: markdown_table(["a", "b"], [["1", "2", "3"]]),
+    lambda: markdown_table(["a", "b"], [], align="l"),
+    lambda: markdown_table(["a", "b"], [], align="lc"),
+    lambda: markdown_row(["1"], columns=2)])
+def test_markdown_table_mismatch_raises(call):
+    with pytest.raises(ValueError):
+        call()

@@ -51,6 +51,7 @@ from ..parallel import (
 from ..parallel.layout import LAYOUTS
 from ..parallel.spawn import DistributedRunError, run_distributed
 from ..parallel.volume import expected_comm
+from ..tables import markdown_table
 from ..units import MIB
 
 ALGOS = ALGORITHMS
@@ -493,17 +494,16 @@ def format_report(result: dict) -> str:
             f"time vs kernel {result['config']['kernels'][0]}",
             "sent/rank MiB (measured)", "theoretical MiB", "measured/theory",
             "peak mem/rank MiB", "mem vs W=1"]
-    lines = [head, setup, "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join("---" if i < 3 or i == 4 else "--:" for i in range(len(cols))) + "|"]
+    table = []
     for r in result["rows"]:
-        cells = [r["label"], str(r["world_size"]), r["layout"] or "-", str(r["seq_len"]), r["kernel"],
-                 f"{r['time_s']:.4f}", _fmt(r["time_ratio_vs_single"], ".2f"),
-                 _fmt(r["time_ratio_vs_first_kernel"], ".2f"),
-                 f"{r['bytes_sent_per_rank'] / MIB:.2f}",
-                 f"{r['bytes_theoretical_per_rank'] / MIB:.2f}",
-                 _fmt(r["measured_over_theoretical"], ".3f"),
-                 f"{r['peak_mem_bytes_per_rank'] / MIB:.1f}", _fmt(r["mem_ratio_vs_single"], ".2f")]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append([r["label"], r["world_size"], r["layout"] or "-", r["seq_len"], r["kernel"],
+                      f"{r['time_s']:.4f}", _fmt(r["time_ratio_vs_single"], ".2f"),
+                      _fmt(r["time_ratio_vs_first_kernel"], ".2f"),
+                      f"{r['bytes_sent_per_rank'] / MIB:.2f}",
+                      f"{r['bytes_theoretical_per_rank'] / MIB:.2f}",
+                      _fmt(r["measured_over_theoretical"], ".3f"),
+                      f"{r['peak_mem_bytes_per_rank'] / MIB:.1f}", _fmt(r["mem_ratio_vs_single"], ".2f")])
+    lines = [head, setup, "", *markdown_table(cols, table, "lllrl" + "r" * (len(cols) - 5))]
     lines += ["", "kernels that served each block kind (rank 0):"]
     lines += [f"- {r['label']} kernel={r['kernel']}: {r['attention_backend']}" for r in result["rows"]]
     methods = sorted({m["method"] for r in result["rows"] for m in r["memory_by_rank"]})

@@ -18,6 +18,7 @@ from ..ops import registry
 from ..ops._build import load_extension
 from ..ops.attention import run_backward, run_forward
 from ..ops.masks import CAUSAL, MaskKind
+from ..tables import markdown_header, markdown_row
 
 
 def _speed(backend, device, dtype, head_dim, seq_len: int, heads: int) -> str:
@@ -47,9 +48,9 @@ def run_doctor(device: str, dtype: str, head_dim: int, seq_len: int, heads: int)
     ext = load_extension()
     print(f"seqpar doctor | {dev} {dtype} head_dim={head_dim} | torch {torch.__version__} | "
           f"compiled ops: {ext.kind} ({ext.reason}) | order: {registry.preferred_kernel()}")
-    print(f"| kernel | available | verified | max rel error | mask kinds tested | ms fwd+bwd "
-          f"(S={seq_len}, H={heads}) | error | op |")
-    print("|---|---|---|--:|---|--:|---|---|")
+    headers = ["kernel", "available", "verified", "max rel error", "mask kinds tested",
+               f"ms fwd+bwd (S={seq_len}, H={heads})", "error", "op"]
+    print("\n".join(markdown_header(headers, "lllrlrll")))
     correct = 0
     for backend in registry.order(dev.type):
         avail = backend.available(dev)
@@ -61,8 +62,9 @@ def run_doctor(device: str, dtype: str, head_dim: int, seq_len: int, heads: int)
         err = "" if verdict is None else f"{verdict.max_error:.1e}"
         why = ("not available here" if not avail else "does not serve this dtype/head_dim"
                if not serves else verdict.error)
-        print(f"| {backend.name} | {'yes' if avail else 'no'} | {'yes' if ok else 'no'} | {err} | "
-              f"{','.join(verdict.kinds) if verdict else '-'} | {speed} | {why} | {backend.source} |")
+        print(markdown_row([backend.name, "yes" if avail else "no", "yes" if ok else "no", err,
+                            ",".join(verdict.kinds) if verdict else "-", speed, why, backend.source], len(headers)),
+              flush=True)  # each kernel as soon as it is checked
     if not correct:
         print("no correct attention kernel on this device: training would be wrong; see the errors above")
         return 1

@@ -49,6 +49,7 @@ from ..ops import (
 )
 from ..ops.attention import run_backward, run_forward
 from ..ops.masks import CAUSAL, MaskKind
+from ..tables import markdown_table
 from ..units import parse_tokens
 
 OPS = ("rope", "attention")
@@ -329,12 +330,6 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def _table(cols, cells_of, rows):
-    align = ["---" if c in ("path", "pass") else "--:" for c in cols]  # numbers right-aligned
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|"]
-    return lines + ["| " + " | ".join(cells_of(r)) + " |" for r in rows]
-
-
 def format_report(meta: dict, rows: list[dict]) -> str:
     """Header, configuration, one markdown table per op, and how the numbers were taken."""
     cfg = meta["config"]
@@ -345,7 +340,7 @@ def format_report(meta: dict, rows: list[dict]) -> str:
              f"{cfg['warmup']} warmup ({'CUDA events' if cfg['device'] == 'cuda' else 'perf_counter'})"]
 
     def time_cell(r):  # a failed path shows its error where its time would be
-        return f"{r['time_s'] * 1e3:.3f}" if r["error"] is None else r["error"].replace("|", "/")
+        return f"{r['time_s'] * 1e3:.3f}" if r["error"] is None else r["error"]
 
     def rope_cells(r):
         return [str(r["seq_len"]), r["path"], f"{r['bytes'] / (1 << 20):.2f}", time_cell(r),
@@ -358,14 +353,14 @@ def format_report(meta: dict, rows: list[dict]) -> str:
     rope = [r for r in rows if r["op"] == "rope"]
     if rope:
         lines += ["", "rope (bytes: read q,k + write q,k + read cos/sin or positions)", ""]
-        lines += _table(["seq len", "path", "MiB moved", "ms", "GB/s", "vs copy", "max abs diff"],
-                        rope_cells, rope)
+        lines += markdown_table(["seq len", "path", "MiB moved", "ms", "GB/s", "vs copy", "max abs diff"],
+                                map(rope_cells, rope), "rlrrrrr")
     attn = [r for r in rows if r["op"] == "attention"]
     if attn:
         lines += ["", f"attention, causal (FLOPs: fwd 4*B*H*S*S*D/2, fwd+bwd 3.5x fwd; baseline "
                   f"{attn[0]['baseline']}; diff: output for fwd, dq/dk/dv for fwd+bwd)", ""]
-        lines += _table(["seq len", "pass", "path", "TFLOP", "ms", "TFLOP/s", "vs baseline", "max abs diff"],
-                        attention_cells, attn)
+        lines += markdown_table(["seq len", "pass", "path", "TFLOP", "ms", "TFLOP/s", "vs baseline", "max abs diff"],
+                                map(attention_cells, attn), "rllrrrrr")
     lines += ["", "max abs diff: against a float32 reference (transformers' eager rope / SDPA on float32 "
               "copies).",
               "Targets on a GPU: seqpar rope >= 0.80 of copy; seqpar attention >= 1.0 x SDPA flash. "

@@ -34,6 +34,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..model.loss import default_chunk_size, sharded_cross_entropy
 from ..parallel.spawn import DistributedRunError, run_distributed
+from ..tables import markdown_table
 from ..units import GIB, MIB, parse_token_list
 from .attention import PeakMemory
 
@@ -118,8 +119,7 @@ def run_loss_memory_bench(seq_len, vocab=131072, hidden=256, dtype="bfloat16", *
 
 
 def format_table(rows, mem_limit_gib=None) -> str:
-    lines = ["| path | seq len | vocab | hidden | dtype | chunk | peak extra MiB | vs transformers "
-             "| loss | s |", "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|"]
+    cells = []
     for r in rows:
         base = next((b for b in rows if b["path"] == "transformers" and b["seq_len"] == r["seq_len"]
                      and b["peak_extra_bytes"] and not b["error"]), None)
@@ -127,11 +127,10 @@ def format_table(rows, mem_limit_gib=None) -> str:
         peak = f"{r['peak_extra_bytes'] / MIB:.1f}" if ok else r["error"]
         ratio = (f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.4f}"
                  if ok and base else "-")
-        lines.append(f"| {r['path']} | {r['seq_len']} | {r['vocab']} | {r['hidden']} | {r['dtype']} "
-                     f"| {r['chunk_size'] or '-'} | {peak} | {ratio} "
-                     f"| {r['loss']:.4f} | {r['seconds']:.1f} |" if ok else
-                     f"| {r['path']} | {r['seq_len']} | {r['vocab']} | {r['hidden']} | {r['dtype']} "
-                     f"| {r['chunk_size'] or '-'} | {peak} | - | - | - |")
+        cells.append([r["path"], r["seq_len"], r["vocab"], r["hidden"], r["dtype"], r["chunk_size"] or "-", peak,
+                      *((ratio, f"{r['loss']:.4f}", f"{r['seconds']:.1f}") if ok else ("-", "-", "-"))])
+    lines = markdown_table(["path", "seq len", "vocab", "hidden", "dtype", "chunk", "peak extra MiB",
+                            "vs transformers", "loss", "s"], cells, "lrrrlrrrrr")
     methods = sorted({r["memory"]["method"] for r in rows if r.get("memory")})
     lines += ["", "peak extra: peak RSS of the loss step (forward + backward, incl. the grads of "
               f"hidden and weight) above the RSS after the inputs were built ({', '.join(methods)}, "

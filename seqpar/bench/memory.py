@@ -39,6 +39,7 @@ from ..parallel import init_mesh
 from ..parallel.spawn import DistributedRunError, run_distributed
 from ..plan.memory import plan_for_run
 from ..runtime import resolve_dtype
+from ..tables import markdown_table
 from ..train.config import RunConfig
 from ..train.engine import deepspeed_config, initialize_engine, sp_loss_scale
 from ..train.model_loader import load_model, model_config
@@ -212,8 +213,7 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
 
 
 def format_table(rows) -> str:
-    lines = ["| variant | seq len | W | ZeRO | measured peak MiB | vs transformers | predicted MiB "
-             "| predicted / measured | predicted peak at |", "|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    cells = []
     for r in rows:
         base = next((b for b in rows if b["variant"] == "transformers" and b["seq_len"] == r["seq_len"]
                      and b["measured_peak_bytes"]), None)
@@ -221,8 +221,10 @@ def format_table(rows) -> str:
         measured = f"{m / MIB:.0f}" if m else r["error"]
         vs_base = f"{m / base['measured_peak_bytes']:.3f}" if m and base else "-"
         accuracy = f"{p / m:.3f}" if m else "-"
-        lines.append(f"| {r['variant']} | {r['seq_len']} | {r['world_size']} | {r['zero']} "
-                     f"| {measured} | {vs_base} | {p / MIB:.0f} | {accuracy} | {r['predicted']['peak_moment']} |")
+        cells.append([r["variant"], r["seq_len"], r["world_size"], r["zero"], measured, vs_base, f"{p / MIB:.0f}",
+                      accuracy, r["predicted"]["peak_moment"]])
+    lines = markdown_table(["variant", "seq len", "W", "ZeRO", "measured peak MiB", "vs transformers", "predicted MiB",
+                            "predicted / measured", "predicted peak at"], cells, "lrrrrrrrl")
     lines += ["", "measured: per-rank peak (max over ranks) of the training steps above the memory in "
               "use before the model was built (CPU: VmHWM/RSS with a fixed malloc mmap threshold; "
               "CUDA: torch.cuda.max_memory_allocated); predicted: `seqpar plan`'s model of the same run."]

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SeqparError
+from ..tables import markdown_table
 from ..units import format_tokens
 from .runner import ShardedLM
 
@@ -173,8 +174,6 @@ def evaluate_passkey(model, tokenizer, lengths, depths, *, trials: int = 5, seed
 def markdown(result: dict) -> str:
     """Accuracy grid: one row per length, one column per depth."""
     depths = result["depths"]
-    lines = [f"{result.get('label', 'model')}: passkey accuracy ({result['trials']} trials per cell)",
-             "| length | " + " | ".join(f"depth {d:g}" for d in depths) + " |", "|---:|" + "---:|" * len(depths)]
-    for n, row in zip(result["lengths"], result["accuracy"]):
-        lines.append(f"| {format_tokens(n)} | " + " | ".join(f"{a:.2f}" for a in row) + " |")
-    return "\n".join(lines)
+    rows = [[format_tokens(n), *(f"{a:.2f}" for a in row)] for n, row in zip(result["lengths"], result["accuracy"])]
+    return "\n".join([f"{result.get('label', 'model')}: passkey accuracy ({result['trials']} trials per cell)",
+                      *markdown_table(["length", *(f"depth {d:g}" for d in depths)], rows, "r" * (1 + len(depths)))])

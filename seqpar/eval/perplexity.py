@@ -39,6 +39,7 @@ import torch
 
 from ..data import DataConfig, build_packed_dataset
 from ..errors import SeqparError
+from ..tables import markdown_table
 from ..units import format_tokens
 from .runner import ShardedLM
 
@@ -170,17 +171,14 @@ def markdown(results: list[dict]) -> str:
     labels = [r.get("label") or f"run {i}" for i, r in enumerate(results)]
     lengths = sorted({row["length"] for r in results for row in r["lengths"]})
     by = [{row["length"]: row for row in r["lengths"]} for r in results]
-    lines = ["| length | scored tokens | " + " | ".join(f"{lab} ppl" for lab in labels) + " |",
-             "|---:|---:|" + "---:|" * len(labels)]
-    for n in lengths:
-        cells = [f"{b[n]['ppl']:.3f}" if n in b else "-" for b in by]
-        tokens = "/".join(sorted({str(b[n]["tokens"]) for b in by if n in b}))
-        lines.append(f"| {format_tokens(n)} | {tokens} | " + " | ".join(cells) + " |")
+    rows = [[format_tokens(n), "/".join(sorted({str(b[n]["tokens"]) for b in by if n in b})),
+             *(f"{b[n]['ppl']:.3f}" if n in b else "-" for b in by)] for n in lengths]
+    lines = markdown_table(["length", "scored tokens", *(f"{lab} ppl" for lab in labels)], rows,
+                           "r" * (2 + len(labels)))
     main = results[0]
     k = main["buckets"]
-    lines += ["", f"{labels[0]}: mean NLL by position (bucket b = token positions [b*L/{k}, (b+1)*L/{k}))",
-              "| length | " + " | ".join(f"b{b}" for b in range(k)) + " |", "|---:|" + "---:|" * k]
-    for row in main["lengths"]:
-        lines.append(f"| {format_tokens(row['length'])} | "
-                     + " | ".join(f"{b['nll']:.3f}" for b in row["buckets"]) + " |")
+    lines += ["", f"{labels[0]}: mean NLL by position (bucket b = token positions [b*L/{k}, (b+1)*L/{k}))"]
+    lines += markdown_table(["length", *(f"b{b}" for b in range(k))],
+                            [[format_tokens(row["length"]), *(f"{b['nll']:.3f}" for b in row["buckets"])]
+                             for row in main["lengths"]], "r" * (1 + k))
     return "\n".join(lines)

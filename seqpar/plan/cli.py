@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import SeqparError
+from ..tables import markdown_table
 from ..units import GIB, parse_bytes, parse_tokens
 from .memory import ModelShape, RunShape, estimate
 import argparse
@@ -106,16 +107,16 @@ def format_plan(rows, shape, base, gpus: int, capacity: int) -> str:
     lines = [f"model: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}, "
              f"heads {shape.heads}/{shape.kv_heads}, vocab {shape.vocab}; {base.dtype}",
              f"run: {base.seq_len} tokens, micro batch {base.micro_batch}, {gpus} GPUs of {gib(capacity)} GiB; "
-             f"seqpar features: {', '.join(feats) or 'none'}", "",
-             "| setup | ZeRO | params | grads | optimizer | activations | transient | comm | total GiB "
-             "| peak at | fits | longest seq that fits |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|--:|"]
+             f"seqpar features: {', '.join(feats) or 'none'}", ""]
+    cells = []
     for r in rows:
         e = r["estimate"]
         setup = "transformers (DP, no SP)" if r["plain_transformers"] else f"seqpar SP={r['sp_size']}"
-        lines.append(f"| {setup} | {r['zero']} | {gib(e.parameters)} | {gib(e.gradients)} | {gib(e.optimizer)} "
-                     f"| {gib(e.activations)} | {gib(e.transient)} | {gib(e.comm_buffers)} | {gib(e.total)} "
-                     f"| {e.peak_moment} | {'yes' if r['fits'] else 'NO'} | {r['max_seq_len'] or '-'} |")
+        cells.append([setup, r["zero"], *(gib(x) for x in (e.parameters, e.gradients, e.optimizer, e.activations,
+                                                            e.transient, e.comm_buffers, e.total)),
+                      e.peak_moment, "yes" if r["fits"] else "NO", r["max_seq_len"] or "-"])
+    lines += markdown_table(["setup", "ZeRO", "params", "grads", "optimizer", "activations", "transient", "comm",
+                             "total GiB", "peak at", "fits", "longest seq that fits"], cells, "lrrrrrrrrllr")
     lines += ["", "per GPU; grads/activations/transient/comm as at the peak moment. Model and its limits: "
               "seqpar/plan/memory.py; check it on your hardware with `seqpar bench memory`."]
     return "\n".join(lines)

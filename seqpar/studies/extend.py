@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from ..data import load_tokenizer
 from ..commands import add_group
+from ..data import load_tokenizer
 from ..errors import SeqparError
 from ..eval.passkey import COMPACT, evaluate_passkey
 from ..eval.perplexity import evaluate_perplexity

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..tables import markdown_table
 from ..units import format_tokens
 
 NAMES = {"none": "none", "linear": "PI (linear)", "dynamic": "dynamic NTK", "abf": "ABF", "yarn": "YaRN",
@@ -77,42 +78,37 @@ def checks(results: dict) -> list[dict]:
     return out
 
 
+def _method_table(results, base_cells, cells_of) -> list[str]:
+    """One row per (factor, method) after the base model's: zero-shot cells, then after-CPT cells."""
+    lengths = results["lengths"]
+    headers = (["method", "factor"] + [f"zero-shot {format_tokens(n)}" for n in lengths]
+               + [f"CPT {format_tokens(n)}" for n in lengths])
+    rows = [["base (trained at L)", "-", *base_cells, *["-"] * len(lengths)]]
+    rows += [[NAMES[m], factor, *cells_of(_zero_shot(results, m, factor)), *cells_of(_row(results, m, factor, "cpt"))]
+             for factor in results["factors"] for m in results["methods"]]
+    return markdown_table(headers, rows, "lr" + "r" * 2 * len(lengths))
+
+
 def markdown(results: dict) -> str:
     lengths = results["lengths"]
-    heads = " | ".join(format_tokens(n) for n in lengths)
     lines = [] if results.get("complete", True) else [
         "**Partial**: the study was stopped before every model was evaluated; missing cells show '-'.", ""]
     lines += [f"Perplexity on the same held-out tokens at each length (base model trained at "
-             f"L = {results['base_length']}); zero-shot -> after CPT at the target length.", "",
-             f"| method | factor | zero-shot {heads} | after CPT {heads} |",
-             "|---|--:|" + "--:|" * (2 * len(lengths))]
-    lines[-2] = "| method | factor | " + " | ".join(f"zero-shot {format_tokens(n)}" for n in lengths) + " | " + \
-        " | ".join(f"CPT {format_tokens(n)}" for n in lengths) + " |"
+              f"L = {results['base_length']}); zero-shot -> after CPT at the target length.", ""]
     base = _row(results, "none", None, "base")
-    lines.append("| base (trained at L) | - | " + " | ".join(f"{p:.2f}" for p in base["ppl"]) + " |"
-                 + " - |" * len(lengths))
-    for factor in results["factors"]:
-        for m in results["methods"]:
-            zs, cpt = _zero_shot(results, m, factor), _row(results, m, factor, "cpt")
-            cells = [f"{p:.2f}" for p in zs["ppl"]] if zs else ["-"] * len(lengths)
-            cells += [f"{p:.2f}" for p in cpt["ppl"]] if cpt else ["-"] * len(lengths)
-            lines.append(f"| {NAMES[m]} | {factor} | " + " | ".join(cells) + " |")
-    tokens = base["scored_tokens"]
-    lines += ["", f"Scored tokens per length: {tokens[0]} (the same tokens at every length).", "",
-              "Passkey accuracy (mean over depths " + ", ".join(f"{d:g}" for d in base["passkey_depths"])
-              + f"; {base['passkey_trials']} keys per depth), zero-shot -> after CPT:", "",
-              "| method | factor | " + " | ".join(f"zero-shot {format_tokens(n)}" for n in lengths) + " | "
-              + " | ".join(f"CPT {format_tokens(n)}" for n in lengths) + " |",
-              "|---|--:|" + "--:|" * (2 * len(lengths))]
+
+    def ppl(r):
+        return [f"{p:.2f}" for p in r["ppl"]] if r else ["-"] * len(lengths)
 
     def acc(r):
         return [f"{sum(a) / len(a):.2f}" for a in r["passkey"]] if r else ["-"] * len(lengths)
 
-    lines.append("| base (trained at L) | - | " + " | ".join(acc(base)) + " |" + " - |" * len(lengths))
-    for factor in results["factors"]:
-        for m in results["methods"]:
-            lines.append(f"| {NAMES[m]} | {factor} | " + " | ".join(acc(_zero_shot(results, m, factor))
-                                                                    + acc(_row(results, m, factor, "cpt"))) + " |")
+    lines += _method_table(results, ppl(base), ppl)
+    tokens = base["scored_tokens"]
+    lines += ["", f"Scored tokens per length: {tokens[0]} (the same tokens at every length).", "",
+              "Passkey accuracy (mean over depths " + ", ".join(f"{d:g}" for d in base["passkey_depths"])
+              + f"; {base['passkey_trials']} keys per depth), zero-shot -> after CPT:", ""]
+    lines += _method_table(results, acc(base), acc)
     lines += ["", "The literature's qualitative ordering, checked on these numbers:", ""]
     for c in results.get("checks", []):
         measured = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in c["measured"].items()
