@@ -173,3 +173,29 @@ def test_markdown_cells_cannot_break_the_table():
 def test_markdown_table_mismatch_raises(call):
     with pytest.raises(ValueError):
         call()
+
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def _long_functions(paths) -> list[str]:
+    long = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    return long
+
+
+def test_no_function_is_longer_than_60_lines():
+    """Issue 16: a function that does not fit on a screen does more than one thing."""
+    assert _long_functions(sorted(ROOT.rglob("*.py"))) == []
+
+
+def test_function_length_check_can_fail(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def too_long():\n{body}\n")
+    assert _long_functions([tmp_path / "long.py"]) == [f"long.py:1 too_long ({MAX_FUNCTION_LINES + 1} lines)"]
