@@ -14,6 +14,7 @@ never imports eval/.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from .errors import SeqparError
 from .eval.cli import run_evals
+from .eval_config import EvalConfig
 from .parallel import init_mesh
 from .runtime import init_distributed
 from .train.config_io import apply_override
@@ -41,7 +43,7 @@ def stage_configs(cfg) -> list:
             raise SeqparError(f"stages[{index - 1}] must be a mapping of overrides such as "
                               f"{{train.seq_len: 32768, train.steps: 500}}; got {overrides!r}.")
         stage = copy.deepcopy(cfg)
-        stage.stages, stage.eval = [], {}
+        stage.stages, stage.eval = [], EvalConfig()  # evals run from cfg.eval after each stage
         for key, value in overrides.items():
             apply_override(stage, f"{key}={json.dumps(value)}")
         root = Path(cfg.checkpoint.dir) / f"stage{index}"
@@ -89,13 +91,14 @@ def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stat
         history = train(stage, resume=resume, stop_after=stop_after, stated=stated)
         if stage.train.steps > (history[-1]["step"] if history else 0) and len(stages) > 1:
             return  # stopped early (--stop-after / SIGTERM): later stages wait for --resume
-        if cfg.eval:
+        if cfg.eval.enabled:
             _evaluate(stage, cfg.eval, index)
 
 
-def _evaluate(stage, eval_cfg: dict, index: int) -> None:
+def _evaluate(stage, eval_cfg: EvalConfig, index: int) -> None:
+    """`eval_cfg` on the stage's export, sharded as the stage trained, written next to it."""
     mesh = init_mesh(stage.parallel.sp_size, stage.parallel.ulysses_size)
-    cfg = dict(eval_cfg, out=str(Path(stage.checkpoint.export_hf).parent / "eval"),
-               label=eval_cfg.get("label") or f"stage {index} ({stage.train.seq_len} tokens)",
-               attention=stage.parallel.attention, layout=stage.parallel.layout)
+    cfg = dataclasses.replace(eval_cfg, out=str(Path(stage.checkpoint.export_hf).parent / "eval"),
+                              label=eval_cfg.label or f"stage {index} ({stage.train.seq_len} tokens)",
+                              attention=stage.parallel.attention, layout=stage.parallel.layout)
     run_evals(stage.checkpoint.export_hf, cfg, mesh=mesh)

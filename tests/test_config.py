@@ -16,6 +16,8 @@ import yaml
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
 from seqpar import SeqparError
+from seqpar.data.config import DataConfig
+from seqpar.eval_config import EvalConfig, PasskeyEvalConfig, PerplexityEvalConfig
 from seqpar.train.config import RunConfig
 from seqpar.train.config_io import (apply_override, config_from_dict, config_hash, dump_config,
                                     get_value, load_config)
@@ -177,6 +179,51 @@ def test_dump_roundtrip_and_hash(workdir):
     apply_override(other, "train.lr=3e-4")
     assert config_hash(other) != config_hash(cfg)
     assert get_value(cfg, "rope.extra.beta_fast") == 32 and get_value(cfg, "train.seq_len") == 64
+
+
+# --- the eval section (typed: seqpar/eval_config.py) --------------------------------------
+
+def test_eval_section_loads_typed_with_defaults(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        'eval:\n  ppl: {lengths: "1k,4k", data: {max_documents: 50}}\n  passkey: {lengths: 2k, depths: [0, 1]}\n')
+    cfg = load_config(tmp_path / "r.yaml")
+    ppl, passkey = cfg.eval.ppl, cfg.eval.passkey
+    assert isinstance(cfg.eval, EvalConfig) and cfg.eval.enabled
+    assert ppl == PerplexityEvalConfig(lengths="1k,4k", data=DataConfig(sources=["stdlib"], max_documents=50))
+    assert (ppl.num_sequences, ppl.buckets, ppl.stride, ppl.windows) == (8, 8, None, 1)
+    assert passkey == PasskeyEvalConfig(lengths="2k", depths=[0.0, 1.0], trials=5, seed=0)
+    assert (cfg.eval.dtype, cfg.eval.attention, cfg.eval.layout) == ("auto", "ring", "zigzag")
+    assert config_from_dict(dump_config(cfg)) == cfg
+    assert not RunConfig().eval.enabled and load_config(write_yaml(tmp_path / "n.yaml", {"eval": None})) == RunConfig()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("eval: {ppl: {lenghts: 1k}}", r"unknown config key 'eval.ppl.lenghts'.*Did you mean 'eval.ppl.lengths'.*"
+                                   r"Valid keys in section 'eval.ppl': lengths, data"),
+    ("eval: {pasky: {lengths: 1k}}", r"unknown config key 'eval.pasky'.*Did you mean 'eval.passkey'"),
+    ("eval: {ppl: {lengths: 1k, data: {sorces: [a]}}}", r"Did you mean 'eval.ppl.data.sources'"),
+    ("eval: {ppl: {num_sequences: 2}}", r"section 'eval.ppl' in .* needs eval.ppl.lengths"),
+    ("eval: {passkey: {lengths: 1k, depths: [a]}}", r"eval.passkey.depths: expected a list of float"),
+    ("eval: {ppl: 3}", r"section 'eval.ppl' in .* must be a mapping"),
+])
+def test_eval_section_errors(tmp_path, text, match):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(SeqparError, match=match):
+        load_config(tmp_path / "r.yaml")
+
+
+def test_eval_overrides(workdir):
+    cfg = load_config("run.yaml", ["eval.ppl.lengths=1024", "eval.ppl.data.max_documents=3"])
+    assert cfg.eval.ppl == PerplexityEvalConfig(lengths="1024", data=DataConfig(sources=["stdlib"], max_documents=3))
+    cfg = load_config("run.yaml", ['eval={ppl: {lengths: "128,256", num_sequences: 2}}', "eval.ppl.buckets=4"])
+    assert (cfg.eval.ppl.lengths, cfg.eval.ppl.num_sequences, cfg.eval.ppl.buckets) == ("128,256", 2, 4)
+    assert load_config("run.yaml", ["eval.ppl.lengths=1k", "eval.ppl=null"]).eval.ppl is None
+    for override, match in [("eval.ppl.trials=2", r"unknown config key 'eval.ppl.trials'"),
+                            ("eval.passkey.trials=2", r"eval.passkey is not in the config and needs "
+                                                      r"eval.passkey.lengths.*--set eval.passkey.lengths="),
+                            ("eval.ppl=3", r"eval.ppl is a section.*or --set eval.ppl=null")]:
+        with pytest.raises(SeqparError, match=match):
+            load_config("run.yaml", [override])
 
 
 # --- validation: one clear error per bad setting -----------------------------------------

@@ -19,8 +19,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from seqpar import SeqparError
+from seqpar.cli import build_parser
 from seqpar.cli import main as seqpar_main
-from seqpar.data import ByteTokenizer, load_tokenizer
+from seqpar.data import ByteTokenizer, DataConfig, load_tokenizer
+from seqpar.eval.cli import run_evals
+from seqpar.eval_config import EvalConfig, PasskeyEvalConfig, PerplexityEvalConfig
 from seqpar.eval.passkey import NEEDLE, build_prompt, evaluate_passkey, random_key
 from seqpar.eval.perplexity import evaluate_perplexity
 from seqpar.eval.runner import load_model
@@ -173,6 +176,37 @@ def test_cli_ppl_writes_json_plot_and_compares(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         seqpar_main(["eval", "ppl", "--model", str(root / "model"), "--lengths", "64,66", "--sp-size", "2",
                      "--data", data["sources"][0], "--cache-dir", data["cache_dir"], "--out", str(tmp_path / "d")])
+
+
+def test_cli_defaults_are_the_eval_config_defaults():
+    """`seqpar eval ppl | passkey` and the run config's `eval:` section share their defaults."""
+    parser = build_parser()
+    ppl = parser.parse_args(["eval", "ppl"])
+    passkey = parser.parse_args(["eval", "passkey", "--model", "m", "--lengths", "1k"])
+    want, data = PerplexityEvalConfig(lengths=""), DataConfig(sources=["stdlib"])
+    assert (ppl.num_sequences, ppl.buckets, ppl.stride, ppl.windows) == (
+        want.num_sequences, want.buckets, want.stride, want.windows)
+    assert want.data == data and (ppl.text_field, ppl.cache_dir, ppl.data_seed, ppl.max_documents) == (
+        data.text_field, data.cache_dir, data.seed, data.max_documents)
+    pk = PasskeyEvalConfig(lengths="")
+    assert [float(d) for d in passkey.depths.split(",")] == pk.depths
+    assert (passkey.trials, passkey.seed) == (pk.trials, pk.seed)
+    assert (ppl.dtype, ppl.attention, ppl.layout) == (EvalConfig.dtype, EvalConfig.attention, EvalConfig.layout)
+
+
+def test_run_evals_from_a_typed_config(tiny, tmp_path):
+    """The trainer's hook (`run_evals`, one process): the sections configured run and write
+    their files; the defaults left out come from the dataclasses."""
+    root, data = tiny
+    cfg = EvalConfig(ppl=PerplexityEvalConfig(lengths="64,128", data=DataConfig(**data), num_sequences=2, buckets=4),
+                     passkey=PasskeyEvalConfig(lengths="512", depths=[0.5], trials=1),
+                     out=str(tmp_path / "out"), dtype="float32")
+    results = run_evals(root / "model", cfg, log=lambda line: None)
+    assert [r["length"] for r in results["ppl"]["lengths"]] == [64, 128] and results["ppl"]["windows"] == 1
+    assert results["ppl"]["data"]["sources"] == data["sources"] and results["ppl"]["label"] == "model"
+    assert results["passkey"]["depths"] == [0.5] and results["passkey"]["trials"] == 1
+    assert (tmp_path / "out" / "ppl.json").is_file() and (tmp_path / "out" / "passkey.json").is_file()
+    assert run_evals(root / "model", EvalConfig(out=str(tmp_path / "none"))) == {}
 
 
 @pytest.mark.parametrize("args, message", [

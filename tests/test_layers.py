@@ -2,8 +2,8 @@
 layer or layers below it — at module level AND inside functions (a function-level import
 hides a cycle, it does not remove it).
 
-    errors, units, tables, commands < ops < runtime < parallel < model < data < plan < train < eval
-        < stages, studies < bench < cli
+    errors, units, tables, commands < ops < runtime < parallel < model < data < eval_config < plan
+        < train < eval < stages, studies < bench < cli
 
 Same-layer imports are allowed (a package imports its own modules).
 """
@@ -28,6 +28,7 @@ LAYERS = [
     {"parallel"},
     {"model"},
     {"data"},
+    {"eval_config"},  # the typed `eval:` section: RunConfig (train) holds it, eval runs it
     {"plan"},
     {"train"},
     {"eval"},

@@ -14,6 +14,7 @@ This module imports nothing heavy at import time: `seqpar --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -22,8 +23,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..commands import add_group
-from ..data import load_tokenizer
+from ..data import DataConfig, load_tokenizer
 from ..errors import SeqparError
+from ..eval_config import EvalConfig, PasskeyEvalConfig, PerplexityEvalConfig
 from ..parallel import ALGORITHMS, init_mesh
 from ..units import parse_token_list, parse_tokens
 from .passkey import evaluate_passkey
@@ -35,6 +37,11 @@ from .runner import launch, load_model
 
 # ----------------------------------------------------------------------------- arguments
 
+# The defaults of the options below: those of the run config's `eval:` section (lengths
+# are given on the command line).
+_EVAL, _PPL, _PASSKEY = EvalConfig(), PerplexityEvalConfig(lengths=""), PasskeyEvalConfig(lengths="")
+
+
 def _common_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--model", required=model_required, metavar="DIR",
                    help="Hugging Face model directory (e.g. the export of `seqpar train`)")
@@ -43,13 +50,13 @@ def _common_args(p: argparse.ArgumentParser, model_required: bool) -> None:
                    help="evaluation lengths in tokens, e.g. 1k,2k,4k (k = 1024, m = 1024^2)")
     p.add_argument("--label", help="name of this model in tables and plots (default: the model directory)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/eval/<label>)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=_EVAL.dtype,
+                   help="auto: bfloat16 on GPU, float32 on CPU (default %(default)s)")
     g = p.add_argument_group("sequence parallelism")
     g.add_argument("--sp-size", type=int, default=1, help="ranks sharing one sequence (default 1)")
     g.add_argument("--ulysses-size", type=int, default=1, help="Ulysses part of the SP group (hybrid)")
-    g.add_argument("--attention", choices=ALGORITHMS, default="ring")
-    g.add_argument("--layout", choices=("zigzag", "contiguous", "stripe"), default="zigzag")
+    g.add_argument("--attention", choices=ALGORITHMS, default=_EVAL.attention)
+    g.add_argument("--layout", choices=("zigzag", "contiguous", "stripe"), default=_EVAL.layout)
     g.add_argument("--fused-rope", action="store_true", help="seqpar's fused RoPE op instead of the model's")
     r = p.add_argument_group("RoPE scaling at evaluation time (same weights, other positions)")
     r.add_argument("--rope-method", choices=("linear", "dynamic", "yarn", "llama3", "abf"),
@@ -71,19 +78,23 @@ def add_parser(commands) -> None:
                     "context), with loss by position bucket over whole windows; sequence-parallel for long "
                     "lengths. Writes ppl.json and ppl.png (perplexity vs length, one line per model).")
     _common_args(ppl, model_required=False)
-    ppl.add_argument("--data", action="append", metavar="SRC",
-                     help="corpus source, repeatable: file, directory, glob, 'stdlib' or 'hf:NAME' (default stdlib)")
-    ppl.add_argument("--max-documents", type=int, help="use at most this many documents")
-    ppl.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text")
-    ppl.add_argument("--data-seed", type=int, default=0, help="document shuffle seed")
-    ppl.add_argument("--cache-dir", default=".seqpar_cache", help="tokenized/packed data cache")
-    ppl.add_argument("--num-sequences", type=int, default=8, help="sequences per length (default 8)")
-    ppl.add_argument("--buckets", type=int, default=8, help="position buckets per window (default 8)")
-    ppl.add_argument("--stride", type=int, help="tokens scored per window, the same tokens at every length "
-                                                "(default: shortest length / 2)")
-    ppl.add_argument("--windows", type=int, default=1,
-                     help="windows per sequence, each `stride` further (default 1); scored tokens per length "
-                          "= num-sequences x windows x stride")
+    data = _PPL.data
+    ppl.add_argument("--data", action="append", metavar="SRC",  # no list default: append would extend it
+                     help="corpus source, repeatable: file, directory, glob, 'stdlib' or 'hf:NAME' "
+                          f"(default {','.join(data.sources)})")
+    ppl.add_argument("--max-documents", type=int, default=data.max_documents, help="use at most this many documents")
+    ppl.add_argument("--text-field", default=data.text_field, help="jsonl/parquet field holding the text")
+    ppl.add_argument("--data-seed", type=int, default=data.seed, help="document shuffle seed")
+    ppl.add_argument("--cache-dir", default=data.cache_dir, help="tokenized/packed data cache")
+    ppl.add_argument("--num-sequences", type=int, default=_PPL.num_sequences,
+                     help="sequences per length (default %(default)s)")
+    ppl.add_argument("--buckets", type=int, default=_PPL.buckets,
+                     help="position buckets per window (default %(default)s)")
+    ppl.add_argument("--stride", type=int, default=_PPL.stride,
+                     help="tokens scored per window, the same tokens at every length (default: shortest length / 2)")
+    ppl.add_argument("--windows", type=int, default=_PPL.windows,
+                     help="windows per sequence, each `stride` further (default %(default)s); scored tokens per "
+                          "length = num-sequences x windows x stride")
     ppl.add_argument("--compare", action="append", metavar="RESULT.json",
                      help="add another ppl.json (or its directory) to the table and plot; repeatable. "
                           "Without --model, only merges and plots the given results")
@@ -93,9 +104,11 @@ def add_parser(commands) -> None:
         description="A random 5-digit pass key hidden at each depth of filler text; the model must "
                     "reproduce it greedily. Writes passkey.json and passkey.png (accuracy heat map).")
     _common_args(pk, model_required=True)
-    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default %(default)s)")
-    pk.add_argument("--trials", type=int, default=5, help="random keys per (length, depth) (default 5)")
-    pk.add_argument("--seed", type=int, default=0, help="seed of the random keys")
+    pk.add_argument("--depths", default=",".join(f"{d:g}" for d in _PASSKEY.depths),
+                    help="needle depths in [0, 1] (default %(default)s)")
+    pk.add_argument("--trials", type=int, default=_PASSKEY.trials,
+                    help="random keys per (length, depth) (default %(default)s)")
+    pk.add_argument("--seed", type=int, default=_PASSKEY.seed, help="seed of the random keys (default %(default)s)")
     pk.set_defaults(func=run_passkey_command)
 
 
@@ -119,17 +132,27 @@ def _parallel_kw(opts: dict) -> dict:
     return dict(attention=opts["attention"], layout=opts["layout"], fused_rope=opts["fused_rope"], log=_log)
 
 
+def score_ppl(model, tokenizer, cfg: PerplexityEvalConfig, **kw) -> dict:
+    """`evaluate_perplexity` with the settings of `cfg`; the result names its data."""
+    result = evaluate_perplexity(model, tokenizer, cfg.data, parse_token_list(cfg.lengths),
+                                 num_sequences=cfg.num_sequences, buckets=cfg.buckets, stride=cfg.stride,
+                                 windows=cfg.windows, **kw)
+    return dict(result, data=dataclasses.asdict(cfg.data))
+
+
+def score_passkey(model, tokenizer, cfg: PasskeyEvalConfig, **kw) -> dict:
+    return evaluate_passkey(model, tokenizer, parse_token_list(cfg.lengths), cfg.depths, trials=cfg.trials,
+                            seed=cfg.seed, **kw)
+
+
 def ppl_job(opts: dict) -> dict:
     tokenizer, model, mesh = _setup(opts)
-    return evaluate_perplexity(model, tokenizer, opts["data"], opts["lengths"], mesh=mesh,
-                               num_sequences=opts["num_sequences"], buckets=opts["buckets"],
-                               stride=opts["stride"], windows=opts["windows"], **_parallel_kw(opts))
+    return score_ppl(model, tokenizer, opts["ppl"], mesh=mesh, **_parallel_kw(opts))
 
 
 def passkey_job(opts: dict) -> dict:
     tokenizer, model, mesh = _setup(opts)
-    return evaluate_passkey(model, tokenizer, opts["lengths"], opts["depths"], trials=opts["trials"],
-                            seed=opts["seed"], mesh=mesh, **_parallel_kw(opts))
+    return score_passkey(model, tokenizer, opts["passkey"], mesh=mesh, **_parallel_kw(opts))
 
 
 # ----------------------------------------------------------------------------- outputs (rank 0)
@@ -252,11 +275,11 @@ def run_ppl_command(args) -> int:
 
         stride = args.stride or default_stride(opts["lengths"])
         window_ends(opts["lengths"], stride, args.windows)  # bad stride/windows: fail before any rank starts
-        opts.update(num_sequences=args.num_sequences, buckets=args.buckets, stride=stride, windows=args.windows,
-                    data={"sources": args.data or ["stdlib"], "max_documents": args.max_documents,
-                          "text_field": args.text_field, "cache_dir": args.cache_dir, "seed": args.data_seed})
+        data = DataConfig(sources=args.data or list(_PPL.data.sources), max_documents=args.max_documents,
+                          text_field=args.text_field, cache_dir=args.cache_dir, seed=args.data_seed)
+        opts["ppl"] = PerplexityEvalConfig(lengths=args.lengths, data=data, num_sequences=args.num_sequences,
+                                           buckets=args.buckets, stride=stride, windows=args.windows)
         result = _describe(launch(ppl_job, opts, args.sp_size), args, opts)
-        result["data"] = opts["data"]
         if not _is_writer():
             return 0
     _unique_labels([result, *compare])
@@ -273,7 +296,7 @@ def run_passkey_command(args) -> int:
         depths = [float(d) for d in args.depths.split(",") if d.strip()]
     except ValueError:
         raise SeqparError(f"--depths {args.depths!r}: give fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1.") from None
-    opts.update(depths=depths, trials=args.trials, seed=args.seed)
+    opts["passkey"] = PasskeyEvalConfig(lengths=args.lengths, depths=depths, trials=args.trials, seed=args.seed)
     result = _describe(launch(passkey_job, opts, args.sp_size), args, opts)
     if not _is_writer():
         return 0
@@ -285,40 +308,30 @@ def run_passkey_command(args) -> int:
 
 # ----------------------------------------------------------------------------- trainer hook
 
-def run_evals(model_dir, eval_cfg: dict, *, mesh=None, log=_log) -> dict:
-    """Evaluate a saved model directory, e.g. at the end of a training stage.
+def run_evals(model_dir, eval_cfg: EvalConfig, *, mesh=None, log=_log) -> dict:
+    """Evaluate a saved model directory, e.g. at the end of a training stage: the
+    evaluations `eval_cfg` configures (its `ppl` / `passkey` sections; None: not run).
 
-    `eval_cfg`: {"out": DIR, "label": str, "dtype": "auto", "attention": "ring",
-    "layout": "zigzag", "ppl": {"lengths": "1k,4k", "data": {DataConfig fields} or a
-    DataConfig, "num_sequences": 8, "buckets": 8, "stride": None, "windows": 1}, "passkey": {"lengths": "1k,4k",
-    "depths": [0, 0.5, 1], "trials": 5, "seed": 0}}; "ppl" / "passkey" may be left out.
     In a distributed job every rank calls it with the job's `mesh` (e.g. the trainer's:
-    sequences are sharded as in training); rank 0 writes the JSON and PNG files.
-    Returns {"ppl": result, "passkey": result} for the evaluations run.
+    sequences are sharded as in training); rank 0 writes the JSON and PNG files under
+    `eval_cfg.out` (default <model_dir>/eval). Returns {"ppl": result, "passkey": result}
+    for the evaluations run.
     """
-    cfg = dict(eval_cfg)
-    out = Path(cfg.get("out") or Path(model_dir) / "eval")
-    label = cfg.get("label") or Path(model_dir).resolve().name
-    tokenizer = load_tokenizer(cfg.get("tokenizer") or model_dir)
-    model = load_model(model_dir, dtype=cfg.get("dtype", "auto"))
-    kw = dict(mesh=mesh, attention=cfg.get("attention", "ring"), layout=cfg.get("layout", "zigzag"), log=log)
+    if not eval_cfg.enabled:
+        return {}
+    out = Path(eval_cfg.out or Path(model_dir) / "eval")
+    label = eval_cfg.label or Path(model_dir).resolve().name
+    tokenizer = load_tokenizer(eval_cfg.tokenizer or model_dir)
+    model = load_model(model_dir, dtype=eval_cfg.dtype)
+    kw = dict(mesh=mesh, attention=eval_cfg.attention, layout=eval_cfg.layout, log=log)
+    about = dict(label=label, model=str(Path(model_dir).resolve()))
     results = {}
-    if cfg.get("ppl"):
-        p = cfg["ppl"]
-        data = p["data"] if isinstance(p["data"], dict) else vars(p["data"])
-        results["ppl"] = dict(evaluate_perplexity(model, tokenizer, data, parse_token_list(p["lengths"]),
-                                                  num_sequences=p.get("num_sequences", 8),
-                                                  buckets=p.get("buckets", 8), stride=p.get("stride"),
-                                                  windows=p.get("windows", 1), **kw),
-                              label=label, model=str(Path(model_dir).resolve()), data=dict(data))
+    if eval_cfg.ppl is not None:
+        results["ppl"] = dict(score_ppl(model, tokenizer, eval_cfg.ppl, **kw), **about)
         if _is_writer():
             write_ppl(results["ppl"], out)
-    if cfg.get("passkey"):
-        p = cfg["passkey"]
-        depths = p.get("depths", [0, 0.25, 0.5, 0.75, 1])
-        results["passkey"] = dict(evaluate_passkey(model, tokenizer, parse_token_list(p["lengths"]), depths,
-                                                   trials=p.get("trials", 5), seed=p.get("seed", 0), **kw),
-                                  label=label, model=str(Path(model_dir).resolve()))
+    if eval_cfg.passkey is not None:
+        results["passkey"] = dict(score_passkey(model, tokenizer, eval_cfg.passkey, **kw), **about)
         if _is_writer():
             write_passkey(results["passkey"], out)
     return results

@@ -55,6 +55,9 @@ DEFAULTS = {
     "cpt": {"steps": 30, "micro_batch_size": 1, "gradient_accumulation_steps": 2, "lr": 1.0e-3, "min_lr": 1.0e-4,
             "warmup_steps": 3, "grad_clip": 1.0, "sp_size": 4, "attention": "ring", "layout": "zigzag",
             "deepspeed_config": "configs/deepspeed/zero2.json"},
+    # The study's own evaluation settings, not seqpar/eval_config.py's: its lengths follow
+    # base_length x eval_multiples, its text is the held-out corpus, its defaults (32
+    # sequences, 4 trials) are what the published table used, and results.json records them.
     "eval": {"num_sequences": 32, "stride": None, "buckets": 8, "passkey_depths": [0.0, 0.25, 0.5, 0.75, 1.0],
              "passkey_trials": 4},
     "fast": {},

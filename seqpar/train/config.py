@@ -1,6 +1,7 @@
 """The run configuration: one YAML file per run, validated before anything starts.
 
-Sections mirror the YAML: model, data, parallel, rope, train, checkpoint, log. Every
+Sections mirror the YAML: model, data, parallel, rope, train, checkpoint, log, stages,
+eval (its classes in seqpar/eval_config.py, a layer below both train and eval). Every
 field has a default so a small YAML suffices; `load_config` applies `--set a.b=value`
 overrides; `validate_config` raises one SeqparError naming the fix for each invalid
 combination (see seqpar/train/validate.py).
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..data.config import DataConfig  # noqa: F401  (the data section; re-exported here)
+from ..eval_config import EvalConfig
 
 
 @dataclass
@@ -98,6 +100,7 @@ class RunConfig:
     # {train.seq_len: 32768, train.steps: 500, train.lr: 1e-5}; stage k+1 starts from
     # stage k's Hugging Face export (seqpar/stages.py). Empty: one stage.
     stages: list = field(default_factory=list)
-    # Evaluations at the end of each stage (seqpar.eval.cli.run_evals), e.g.
-    # {ppl: {lengths: "1k,4k", data: {sources: [stdlib], max_documents: 50}}}. Empty: none.
-    eval: dict = field(default_factory=dict)
+    # Evaluations at the end of each stage (seqpar/eval_config.py; seqpar.eval.cli.run_evals),
+    # e.g. {ppl: {lengths: "1k,4k", data: {sources: [stdlib], max_documents: 50}}}. Neither
+    # ppl nor passkey: none.
+    eval: EvalConfig = field(default_factory=EvalConfig)

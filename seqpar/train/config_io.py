@@ -71,8 +71,13 @@ def _split_optional(tp):
 
 def _type_name(tp) -> str:
     inner, optional = _split_optional(tp)
-    name = {list: "a list", dict: "a mapping", tuple: "a list"}.get(
-        inner, getattr(inner, "__name__", str(inner)))
+    if typing.get_origin(inner) is list:  # list[float]
+        name = f"a list of {_type_name(typing.get_args(inner)[0])}"
+    elif dataclasses.is_dataclass(inner):
+        name = "a mapping"
+    else:
+        name = {list: "a list", dict: "a mapping", tuple: "a list"}.get(
+            inner, getattr(inner, "__name__", str(inner)))
     return f"{name} or null" if optional else name
 
 
@@ -84,7 +89,7 @@ def _convert(value, tp, key: str, where: str, text: str | None = None):
     out = _coerce(value, inner, text)
     if out is _BAD:
         shown = text if text is not None else value
-        hint = " Write a list, e.g. [a, b]." if inner in (list, tuple) else ""
+        hint = " Write a list, e.g. [a, b]." if list in (inner, typing.get_origin(inner)) or inner is tuple else ""
         raise SeqparError(f"{key}: expected {_type_name(tp)}, got {shown!r} "
                           f"({type(value).__name__}) in {where}.{hint}")
     return out
@@ -125,6 +130,10 @@ def _coerce(value, tp, text):
     elif tp is list:
         if isinstance(value, list):
             return list(value)
+    elif typing.get_origin(tp) is list:  # list[float]: each item converted, strictly
+        if isinstance(value, list):
+            items = [_coerce(v, typing.get_args(tp)[0], None) for v in value]
+            return _BAD if any(i is _BAD for i in items) else items
     elif tp is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(value)
@@ -157,7 +166,11 @@ def _unknown_key(key, cls, prefix: str, where: str) -> SeqparError:
                        f"Valid keys {where_keys}: {', '.join(names)}.")
 
 
-def _build(cls, data, prefix: str, where: str):
+def _build(cls, data, prefix: str, where: str, base=None):
+    """A `cls` from the mapping `data`, strictly. Keys that `data` leaves out keep their
+    value in `base` (a `cls`: a --set mapping updates the section it names), else their
+    default; a nested section's defaults are its field's default (`eval.ppl.data`'s
+    sources are stdlib, not DataConfig's empty list)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -169,11 +182,36 @@ def _build(cls, data, prefix: str, where: str):
     for key, value in data.items():
         if key not in hints:
             raise _unknown_key(key, cls, prefix, where)
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value, f"{prefix}{key}.", where)
-        else:
-            kwargs[key] = _convert(value, hints[key], prefix + key, where)
+        current = getattr(base, key) if base is not None else _field_default(cls, key)
+        kwargs[key] = _value(hints[key], value, prefix + key, where, current)
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _required(f)]
+    if missing:
+        raise SeqparError(f"section {prefix[:-1]!r} in {where} needs {', '.join(prefix + m for m in missing)} "
+                          f"(no default); write it, or leave the section out.")
     return cls(**kwargs)
+
+
+def _value(tp, value, key: str, where: str, current=None):
+    """`value` for a field of type `tp`: a (possibly optional) section is built from a
+    mapping on top of `current`, anything else converted."""
+    inner, optional = _split_optional(tp)
+    if dataclasses.is_dataclass(inner) and not (value is None and optional):
+        return _build(inner, value, key + ".", where, current)
+    return _convert(value, tp, key, where)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _field_default(cls, key: str):
+    """The default of field `key` of `cls` (None when it has none)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == key)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def config_from_dict(data, where: str = "<dict>") -> RunConfig:
@@ -182,7 +220,9 @@ def config_from_dict(data, where: str = "<dict>") -> RunConfig:
 
 
 def apply_override(cfg: RunConfig, override: str) -> None:
-    """Apply one `KEY=VALUE` (`train.lr=1e-5`) to `cfg` in place."""
+    """Apply one `KEY=VALUE` (`train.lr=1e-5`) to `cfg` in place. A section takes a
+    mapping (`eval.ppl={lengths: 1k}`: its keys, the others kept), an optional one also
+    null (`eval.ppl=null`: off); a key of an optional section that is off turns it on."""
     where = f"--set {override}"
     key, eq, text = override.partition("=")
     key = key.strip()
@@ -205,20 +245,52 @@ def apply_override(cfg: RunConfig, override: str) -> None:
         if part not in hints:
             raise _unknown_key(part, type(obj), prefix, where)
         tp = hints[part]
-        if dataclasses.is_dataclass(tp):
+        inner = _split_optional(tp)[0]
+        if dataclasses.is_dataclass(inner):
             if last:
-                raise SeqparError(f"{where}: {prefix}{part} is a section; set one of its keys, "
-                                  f"e.g. --set {prefix}{part}.{dataclasses.fields(tp)[0].name}=...")
+                setattr(obj, part, _section_value(tp, getattr(obj, part), text, prefix + part, where))
+                return
+            if getattr(obj, part) is None:
+                setattr(obj, part, _new_section(inner, parts[i + 1:], text, prefix + part, where))
         elif last:
             setattr(obj, part, _convert(parse_yaml(text, where), tp, prefix + part, where, text))
             return
-        elif _split_optional(tp)[0] is not dict:
+        elif inner is not dict:
             raise SeqparError(f"{where}: {prefix}{part} is {_type_name(tp)}, not a section; "
                               f"use --set {prefix}{part}=VALUE.")
         elif getattr(obj, part) is None:
             setattr(obj, part, {})
         obj = getattr(obj, part)
         prefix += part + "."
+
+
+def _section_value(tp, current, text: str, key: str, where: str):
+    """`--set SECTION=VALUE`: a mapping updates the section (null turns an optional one off)."""
+    inner, optional = _split_optional(tp)
+    value = parse_yaml(text, where)
+    if not isinstance(value, dict) and not (value is None and optional):
+        first = dataclasses.fields(inner)[0].name
+        off = f", or --set {key}=null for none" if optional else ""
+        raise SeqparError(f"{where}: {key} is a section; set one of its keys, e.g. --set {key}.{first}=..., "
+                          f"or give a mapping, e.g. --set {key}={{{first}: ...}}{off}.")
+    return _value(tp, value, key, where, current)
+
+
+def _new_section(cls, rest: list, text: str, key: str, where: str):
+    """The optional section `key` (now null) turned on by `--set key.REST=...`: its
+    defaults, and the value being set when that is the one key it needs."""
+    hints = _hints(cls)
+    if rest[0] not in hints:
+        raise _unknown_key(rest[0], cls, key + ".", where)
+    required = [f.name for f in dataclasses.fields(cls) if _required(f)]
+    given = rest[0] if len(rest) == 1 else None
+    missing = [name for name in required if name != given]
+    if missing:
+        needs = ", ".join(f"{key}.{name}" for name in missing)
+        raise SeqparError(f"{where}: {key} is not in the config and needs {needs} (no default); set that "
+                          f"first (--set {key}.{missing[0]}=...) or write the section in the YAML.")
+    return cls(**{name: _convert(parse_yaml(text, where), hints[name], f"{key}.{name}", where, text)
+                  for name in required})
 
 
 def load_config(path, overrides: typing.Iterable[str] = ()) -> RunConfig:
