@@ -29,7 +29,7 @@ from .train.config_io import apply_override
 from .train.lifecycle import die_with_launcher
 from .train.loop import train
 from .train.preflight import check_before_init
-from .train.validate import validate_before_init, validate_config
+from .train.validate import check_eval_section, validate_before_init, validate_config
 
 
 def stage_configs(cfg) -> list:
@@ -72,6 +72,7 @@ def validate_stages(stages, world_size: int, validate) -> None:
 
 def run_stages(cfg, *, resume: bool = False, stop_after: int | None = None, stated=frozenset()) -> None:
     die_with_launcher()  # an orphaned worker must never go on training and writing checkpoints
+    check_eval_section(cfg)  # stages run cfg.eval after each one; their own eval is empty
     stages = stage_configs(cfg)
     for stage in stages:  # before any process group exists: a bad timeout or directory fails here
         check_before_init(stage)

@@ -21,7 +21,7 @@ from seqpar.eval_config import EvalConfig, PasskeyEvalConfig, PerplexityEvalConf
 from seqpar.train.config import RunConfig
 from seqpar.train.config_io import (apply_override, config_from_dict, config_hash, dump_config,
                                     get_value, load_config)
-from seqpar.train.validate import ATTENTIONS, validate_config
+from seqpar.train.validate import ATTENTIONS, validate_before_init, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "models" / "tiny_llama.json"
@@ -224,6 +224,22 @@ def test_eval_overrides(workdir):
                             ("eval.ppl=3", r"eval.ppl is a section.*or --set eval.ppl=null")]:
         with pytest.raises(SeqparError, match=match):
             load_config("run.yaml", [override])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["eval.ppl.lengths=1k"], r"checkpoint.export_hf is not set; set checkpoint.export_hf"),
+    (["checkpoint.export_hf=hf", "eval.ppl.lengths=1q"], r"eval.ppl.lengths '1q'"),
+    (["checkpoint.export_hf=hf", "eval.ppl.lengths=1k", "eval.ppl.num_sequences=0"],
+     r"eval.ppl.num_sequences must be an integer >= 1"),
+    (["checkpoint.export_hf=hf", "eval.passkey.lengths=1k", "eval.passkey.depths=[0, 1.5]"],
+     r"eval.passkey.depths must be a list of fractions in \[0, 1\]"),
+    (["checkpoint.export_hf=hf", "eval.passkey.lengths=1k", "eval.layout=zagzig"], r"eval.layout must be one of"),
+])
+def test_eval_section_checked_before_training(workdir, overrides, match):
+    """A bad eval setting fails with the config checks, before distributed init, not after
+    the stage it evaluates has trained."""
+    with pytest.raises(SeqparError, match=match):
+        validate_before_init(load_config("run.yaml", overrides))
 
 
 # --- validation: one clear error per bad setting -----------------------------------------

@@ -23,6 +23,7 @@ from ..errors import SeqparError
 from ..ops.registry import KERNEL_NAMES
 from ..parallel import ALGORITHMS, LAYOUTS, check_layout, check_mesh_sizes
 from ..parallel.ulysses import kv_replication
+from ..units import parse_token_list
 from .ckpt_integrity import VERIFY_MODES
 from .config import RunConfig
 
@@ -60,6 +61,38 @@ def validate_before_init(cfg: RunConfig, world_size: int | None = None) -> None:
     _check_choices(cfg)
     _check_parallel(cfg, world_size)
     _check_rope(cfg)
+    check_eval_section(cfg)
+
+
+# --- the eval section -------------------------------------------------------------------
+
+def check_eval_section(cfg: RunConfig) -> None:
+    """The `eval:` settings, checked before any training: a typo there must not surface
+    only after the stage it evaluates has trained."""
+    ev = cfg.eval
+    if not ev.enabled:
+        return
+    if not cfg.stages and not cfg.checkpoint.export_hf:
+        raise SeqparError("eval runs on the exported model, but checkpoint.export_hf is not set; set "
+                          "checkpoint.export_hf to a directory, or remove the eval section.")
+    for name, section in (("ppl", ev.ppl), ("passkey", ev.passkey)):
+        if section is not None:
+            try:
+                parse_token_list(section.lengths)
+            except SeqparError as err:
+                raise SeqparError(f"eval.{name}.lengths {section.lengths!r}: {err}") from None
+    if ev.ppl is not None:
+        for key in ("num_sequences", "buckets", "windows"):
+            _need(_int_at_least(getattr(ev.ppl, key), 1), f"eval.ppl.{key}", getattr(ev.ppl, key), "an integer >= 1")
+        if ev.ppl.stride is not None:
+            _need(_int_at_least(ev.ppl.stride, 1), "eval.ppl.stride", ev.ppl.stride, "an integer >= 1 or null")
+    if ev.passkey is not None:
+        _need(_int_at_least(ev.passkey.trials, 1), "eval.passkey.trials", ev.passkey.trials, "an integer >= 1")
+        bad = [d for d in ev.passkey.depths if not 0 <= d <= 1]
+        _need(not bad and bool(ev.passkey.depths), "eval.passkey.depths", ev.passkey.depths,
+              "a list of fractions in [0, 1], e.g. [0, 0.5, 1]")
+    _need(ev.attention in ALGORITHMS, "eval.attention", ev.attention, f"one of {', '.join(ALGORITHMS)}")
+    _need(ev.layout in LAYOUTS, "eval.layout", ev.layout, f"one of {', '.join(LAYOUTS)}")
 
 
 # --- numbers and names ------------------------------------------------------------------
