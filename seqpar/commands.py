@@ -22,3 +22,9 @@ def add_group(subparsers, name: str, *, help: str, metavar: str, description: st
 def _print_help(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return 2
+
+
+def about(module_doc: str) -> str:
+    """The first paragraph of a command module's docstring, on one line: the command's
+    description in `--help`, written once where a reader of the code sees it too."""
+    return " ".join(module_doc.split("\n\n")[0].split())

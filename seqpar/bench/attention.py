@@ -1,5 +1,6 @@
-"""``seqpar bench attention``: time, traffic and peak memory of ring / Ulysses / hybrid
-attention on W spawned processes, against one process doing the whole sequence.
+"""``seqpar bench attention``: time, bytes sent (measured vs theoretical) and peak memory
+per rank of ring / Ulysses / hybrid attention forward+backward on W spawned processes,
+against one process doing the whole sequence.
 
     seqpar bench attention --algo ring,ulysses,hybrid --world-size 4 --seq-len 4096
 
@@ -36,6 +37,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
+from ..commands import about
 from ..errors import SeqparError, print_error
 from ..ops import attention, registry, set_attention_kernel
 from ..ops.registry import check_kernel_name
@@ -535,9 +537,7 @@ def add_parser(benches) -> None:
     """Register ``seqpar bench attention`` on the subparsers object of ``seqpar bench``."""
     p = benches.add_parser(
         "attention", help="ring / Ulysses / hybrid attention vs one process",
-        description="Time, bytes sent (measured vs theoretical) and peak memory per rank of "
-                    "sequence-parallel attention forward+backward on spawned processes, "
-                    "against one process doing the whole sequence.")
+        description=about(__doc__))
     p.add_argument("--algo", default="ring",
                    help="ring, ulysses, hybrid, or several comma-separated (default: ring)")
     p.add_argument("--world-size", type=int, required=True, help="number of ranks W")

@@ -1,4 +1,5 @@
-"""``seqpar doctor``: which attention kernels this machine has, and whether to trust them.
+"""``seqpar doctor``: which attention kernels this machine has, and whether to trust them
+(exit status 1 when no kernel is correct).
 
 For one (device, dtype, head_dim) it runs every kernel's self-test (the same one that
 guards training: a small GQA block, forward and backward, every mask kind the kernel
@@ -13,6 +14,7 @@ import time
 
 import torch
 
+from ..commands import about
 from ..errors import SeqparError
 from ..ops import registry
 from ..ops._build import load_extension
@@ -75,8 +77,7 @@ def run_doctor(device: str, dtype: str, head_dim: int, seq_len: int, heads: int)
 def add_parser(commands) -> None:
     p = commands.add_parser(
         "doctor", help="self-test every attention kernel here and say which one serves what",
-        description="Runs each attention kernel's self-test against the float64 oracle and a "
-                    "quick timing; exit status 1 when no kernel is correct.")
+        description=about(__doc__))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")

@@ -1,5 +1,8 @@
 """``seqpar bench kernels``: seqpar's local kernels next to the strongest plain-PyTorch
-baselines, in one process and one run.
+baselines, in one process and one run: rope GB/s (vs a device copy, transformers' eager
+rope, and it under torch.compile) and causal attention TFLOP/s forward and
+forward+backward (vs SDPA flash/cuDNN on CUDA, SDPA and the pure-torch fallback on CPU),
+each path checked against a float32 reference before it is timed.
 
     seqpar bench kernels                        # GPU: bf16, head_dim 128, seq 4K..64K
     seqpar bench kernels --device cpu --no-compile
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..commands import about
 from ..errors import SeqparError
 from ..ops import (
     apply_rope,
@@ -374,10 +378,7 @@ def add_parser(benches) -> None:
     """Register ``seqpar bench kernels`` on the subparsers object of ``seqpar bench``."""
     p = benches.add_parser(
         "kernels", help="seqpar rope and attention kernels vs copy, transformers, torch.compile, SDPA",
-        description="Rope GB/s (vs a device copy, transformers' eager rope, and it under torch.compile) "
-                    "and causal attention TFLOP/s forward and forward+backward (vs SDPA flash/cuDNN on "
-                    "CUDA, SDPA and the pure-torch fallback on CPU), each path checked against a float32 "
-                    "reference before it is timed.")
+        description=about(__doc__))
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--seq-len", default=None,

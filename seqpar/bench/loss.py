@@ -1,5 +1,6 @@
-"""Peak memory of one causal-LM loss step (forward + backward), CPU: transformers' default
-loss path against seqpar's tiled loss.
+"""`seqpar bench loss`: peak memory of one causal-LM loss step (forward + backward) above
+its inputs, each path and length in its own process (CPU): transformers' default loss
+path against seqpar's tiled loss, as a ratio.
 
     from seqpar.bench.loss import run_loss_memory_bench
     run_loss_memory_bench([8192, 32768], vocab=131072, hidden=256, dtype="bfloat16")
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from ..commands import about
 from ..model.loss import default_chunk_size, sharded_cross_entropy
 from ..parallel.spawn import DistributedRunError, run_distributed
 from ..tables import markdown_table
@@ -144,8 +146,7 @@ def add_parser(benches) -> None:
     """Register ``seqpar bench loss`` on the subparsers object of ``seqpar bench``."""
     loss = benches.add_parser(
         "loss", help="peak memory of the LM-head loss step: transformers' default vs seqpar tiled",
-        description="One loss forward+backward per path and length, each in its own process; "
-                    "peak memory above the inputs, as a ratio to transformers' default path.")
+        description=about(__doc__))
     loss.add_argument("--seq-len", default="4096,8192", help="comma-separated token counts, e.g. 4k,8k")
     loss.add_argument("--vocab", type=int, default=131072)
     loss.add_argument("--hidden", type=int, default=256)

@@ -1,5 +1,6 @@
-"""`seqpar bench memory`: peak memory per rank of real training steps, measured side by side
-with plain transformers + DeepSpeed and with what `seqpar plan` predicts.
+"""`seqpar bench memory`: peak memory per rank of real training steps (random weights,
+random tokens, spawned ranks, each variant and length), measured side by side with plain
+transformers + DeepSpeed and with what `seqpar plan` predicts.
 
     seqpar bench memory --model configs/models/bench_small.json --seq-len 2048,4096 \
         --world-size 2 --zero 2
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from ..commands import about
 from ..errors import SeqparError
 from ..model import enable_checkpointing, parallelize, shard_batch
 from ..parallel import init_mesh
@@ -239,9 +241,7 @@ def write_json(rows, path) -> None:
 def add_parser(benches) -> None:
     p = benches.add_parser(
         "memory", help="peak memory per rank of real training steps vs plain transformers and `seqpar plan`",
-        description="Train a few steps of a model (random weights, random tokens) on spawned ranks for "
-                    "each variant and length; print measured peak memory per rank, its ratio to plain "
-                    "transformers + DeepSpeed, and what `seqpar plan` predicts.")
+        description=about(__doc__))
     p.add_argument("--model", default="configs/models/bench_small.json", metavar="CONFIG",
                    help="model config file (random init; default configs/models/bench_small.json)")
     p.add_argument("--seq-len", default="2048,4096", help="comma-separated token counts")

@@ -1,5 +1,6 @@
-"""`seqpar plan`: per-GPU memory of a run for each SP size and ZeRO stage, and the longest
-sequence that fits.
+"""`seqpar plan`: predict the per-GPU memory of a training step (parameters, gradients,
+optimizer states, activations, transient peaks, comm buffers) for each SP size and ZeRO
+stage, and the longest sequence that fits in --gpu-mem.
 
     seqpar plan --model configs/models/llama3_8b_shape.json --seq-len 128k --gpus 8 \
         --gpu-mem 80GiB --zero 3 [--offload]
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..commands import about
 from ..errors import SeqparError
 from ..tables import markdown_table
 from ..units import GIB, parse_bytes, parse_tokens
@@ -97,6 +99,10 @@ def plan(shape, base, gpus: int, capacity: int, sp_sizes, zeros, *, baseline: bo
     return rows
 
 
+PLAN_FOOTNOTE = ("per GPU; grads/activations/transient/comm as at the peak moment. Model and its limits: "
+                 "seqpar/plan/memory.py; check it on your hardware with `seqpar bench memory`.")
+
+
 def format_plan(rows, shape, base, gpus: int, capacity: int) -> str:
     gib = lambda x: f"{x / GIB:.1f}"  # noqa: E731
     feats = [n for n, on in (("grad checkpointing", base.gradient_checkpointing),
@@ -117,17 +123,13 @@ def format_plan(rows, shape, base, gpus: int, capacity: int) -> str:
                       e.peak_moment, "yes" if r["fits"] else "NO", r["max_seq_len"] or "-"])
     lines += markdown_table(["setup", "ZeRO", "params", "grads", "optimizer", "activations", "transient", "comm",
                              "total GiB", "peak at", "fits", "longest seq that fits"], cells, "lrrrrrrrrllr")
-    lines += ["", "per GPU; grads/activations/transient/comm as at the peak moment. Model and its limits: "
-              "seqpar/plan/memory.py; check it on your hardware with `seqpar bench memory`."]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", PLAN_FOOTNOTE])
 
 
 def add_parser(commands) -> None:
     p = commands.add_parser(
         "plan", help="per-GPU memory for each SP size / ZeRO stage, and the longest sequence that fits",
-        description="Predict per-GPU memory of a training step (parameters, gradients, optimizer "
-                    "states, activations, transient peaks, comm buffers) for each SP size and "
-                    "ZeRO stage, and the longest sequence that fits in --gpu-mem.")
+        description=about(__doc__))
     p.add_argument("--model", required=True, metavar="CONFIG_OR_NAME",
                    help="config.json, model directory or Hub name (only its config is read)")
     p.add_argument("--seq-len", required=True, type=_arg(parse_tokens), help="tokens per sequence, e.g. 131072 or 128k")

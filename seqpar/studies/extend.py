@@ -1,4 +1,8 @@
-"""`seqpar study extend CONFIG`: the context-extension methods table at small scale.
+"""`seqpar study extend CONFIG`: the context-extension methods table at small scale. A
+small model pretrained at L is extended to 4L/8L with none / PI / dynamic NTK / ABF / YaRN
+/ Llama-3 RoPE, zero-shot and after the same short continued pretraining (SP=4 ring,
+ZeRO); perplexity on the same tokens at L..8L and passkey by depth. Writes results.json,
+table.md and study.png; finished steps are reused on a rerun.
 
 1. Corpus: real text (stdlib sources) + synthetic passkey-retrieval documents
    (`retrieval_data`), written as jsonl under OUT/data.
@@ -28,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from ..commands import add_group
+from ..commands import about, add_group
 from ..data import load_tokenizer
 from ..errors import SeqparError
 from ..eval.passkey import COMPACT, evaluate_passkey
@@ -273,10 +277,7 @@ def add_parser(commands) -> None:
                         metavar="STUDY")
     ext = studies.add_parser(
         "extend", help="context-extension methods table: zero-shot and after continued pretraining",
-        description="Pretrain a small model at L, extend it to 4L/8L with none / PI / dynamic NTK / ABF / YaRN / "
-                    "Llama-3 RoPE, zero-shot and after the same short continued pretraining (SP=4 ring, ZeRO); "
-                    "perplexity on the same tokens at L..8L and passkey by depth. Writes results.json, table.md "
-                    "and study.png. Finished steps are reused on a rerun.")
+        description=about(__doc__))
     ext.add_argument("config", help="study YAML (e.g. configs/studies/extend/study.yaml)")
     ext.add_argument("--fast", action="store_true", help="the config's reduced `fast:` settings (CI)")
     ext.add_argument("--out", help="output directory (default: the config's `out`)")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..commands import add_group
+from ..commands import about, add_group
 from ..errors import SeqparError
 from .elastic import convert_to_universal, is_converted, resolve_step_dir, saved_layout, universal_dir
 
 
 def add_parser(commands) -> None:
     actions = add_group(commands, "ckpt", help="inspect a checkpoint or convert it for an elastic resume",
-                        description=__doc__.split("\n\n")[0], metavar="ACTION")
+                        description=about(__doc__), metavar="ACTION")
     info = actions.add_parser("info", help="step, layout (ranks, SP/DP, global batch, seq_len), conversions")
     info.add_argument("path", help="a checkpoint.dir (its newest complete step) or one step_* directory")
     info.set_defaults(func=_info)
