@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+import torch.distributed as dist
+
 from . import __version__
 from .bench import attention, doctor, kernels, loss, memory
 from .commands import add_group
@@ -127,14 +129,15 @@ def main(argv=None) -> int:
 
 
 # Seconds a failing rank waits before exiting: torchrun kills the other ranks as soon as one
-# exits, and each must get to say its error too (before the process group exists, or when
-# a collective check failed on every rank at once and a sibling is a moment behind).
-SIBLING_REPORT_GRACE_S = 3.0
+# exits, and each must get to say its error too. Before the process group exists a sibling
+# may still be importing when this rank fails its check; after it, checks fail on every rank
+# together (the failures are gathered), and a sibling is at most a moment behind.
+SIBLING_REPORT_GRACE_S = {"before init": 3.0, "after init": 0.5}
 
 
 def _let_sibling_ranks_report() -> None:
     if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
-        time.sleep(SIBLING_REPORT_GRACE_S)
+        time.sleep(SIBLING_REPORT_GRACE_S["after init" if dist.is_initialized() else "before init"])
 
 
 if __name__ == "__main__":

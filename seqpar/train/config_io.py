@@ -23,6 +23,7 @@ written. Floats with an integral value are accepted for int fields (`steps: 1e3`
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import hashlib
@@ -36,7 +37,6 @@ import yaml
 
 from ..errors import SeqparError, print_error
 from .config import RunConfig
-import argparse
 
 
 class _Loader(yaml.SafeLoader):
