@@ -349,6 +349,7 @@ def _rank_pid(script_pid: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} among torchrun's children {children}")
 
 
+@pytest.mark.extended  # a kill, a timeout and a resume: the slow suite keeps the main one under 15 min
 def test_killed_rank_fails_job_fast_and_resume_reproduces(straight):
     tmp, _, reference = straight
     name = "killed"

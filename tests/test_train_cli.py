@@ -81,6 +81,7 @@ def test_hf_export_loads_with_trained_weights(runs):
         torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.extended  # end-to-end launcher runs: the slow suite (CI's second step)
 def test_mpirun_launcher_trains(tmp_path):
     pytest.importorskip("mpi4py", reason="needs the mpi extra: pip install -e '.[mpi]'")
     env = dict(os.environ, PYTHON=sys.executable, NP="2", MASTER_PORT=str(29500 + os.getpid() % 1000),
