@@ -182,6 +182,47 @@ def test_bench_memory_prediction_within_15_percent(tmp_path, capsys):
     assert abs(row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1) < 0.15
 
 
+def _until_oom_with_fake_oom(*args):
+    """`_rank_until_oom` on a rank where every step longer than 1024 tokens runs out of memory."""
+    import seqpar.bench.memory as memory
+    real_steps = memory._steps
+
+    def steps(engine, mesh, variant, config, scale, seq_len, *rest):
+        if seq_len > 1024:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_steps(engine, mesh, variant, config, scale, seq_len, *rest)
+    memory._steps = steps
+    return memory._rank_until_oom(*args)
+
+
+def test_bench_memory_until_oom_builds_once_and_stops_at_the_first_oom(monkeypatch, tmp_path, capsys):
+    """--until-oom: lengths in ascending order in one process, a row per length up to the
+    first that runs out of memory (simulated on this CPU rank), none after it."""
+    import seqpar.bench.memory as memory
+    monkeypatch.setattr(memory, "run_distributed",
+                        lambda fn, *a, **k: run_distributed(_until_oom_with_fake_oom, *a, **k))
+    rows = memory.run_memory_bench("configs/models/bench_small.json", [2048, 512, 1024, 4096], world_size=1,
+                                   variant_names=["seqpar"], steps=1, until_oom=True, timeout=300,
+                                   json_path=tmp_path / "m.json", gpu_mem=8 << 30)
+    assert [(r["seq_len"], r["error"]) for r in rows] == [(512, None), (1024, None), (2048, "out of memory")]
+    assert 0 < rows[0]["measured_peak_bytes"] < rows[1]["measured_peak_bytes"]
+    assert rows[1]["phases"].keys() == {"step 1"}  # its own step, not the build
+    out = capsys.readouterr().out
+    assert "| seqpar | 2048 | 1 | 2 | out of memory |" in out
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert len(saved["rows"]) == 3
+    (limit,) = saved["limits"]
+    assert (limit["longest_ran"], limit["out_of_memory_at"]) == (1024, 2048) and limit["planner_longest"] > 4096
+    assert f"| seqpar | 8.0 | 1024 | 2048 | {limit['planner_longest']} |" in out
+
+
+def test_bench_memory_until_oom_needs_one_gpu_rank(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "memory", "--until-oom", "--seq-len", "1024"])
+    assert info.value.code == 2
+    assert "--until-oom needs --device cuda --world-size 1" in capsys.readouterr().err
+
+
 def test_train_memory_report_warns_with_fixes(monkeypatch):
     import seqpar.plan.check as check
     from seqpar.train.config import RunConfig

@@ -24,6 +24,7 @@ Variants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -39,13 +40,14 @@ from ..errors import SeqparError
 from ..model import enable_checkpointing, parallelize, shard_batch
 from ..parallel import init_mesh
 from ..parallel.spawn import DistributedRunError, run_distributed
-from ..plan.memory import plan_for_run
+from ..plan.cli import max_seq_len
+from ..plan.memory import ModelShape, estimate, run_shape
 from ..runtime import resolve_dtype
 from ..tables import markdown_table
 from ..train.config import RunConfig
 from ..train.engine import deepspeed_config, initialize_engine, sp_loss_scale
 from ..train.model_loader import load_model, model_config
-from ..units import MIB
+from ..units import GIB, MIB, parse_bytes
 from .attention import PeakMemory
 
 VARIANTS = ("transformers", "seqpar", "+ckpt", "+tiled-mlp", "+tiled-layer", "+offload")
@@ -102,15 +104,20 @@ def _run_config(model_file, variant: Variant, seq_len, zero_json, dtype):
     return cfg
 
 
-def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed, mark, config=None):
-    """Build, wrap and train `steps` steps on random tokens; `mark(name)` after each phase."""
+def _build(model_file, variant: Variant, seq_len, zero_json, dtype, mark, config=None):
+    """Build and wrap the model; returns (engine, mesh, config, loss scale, hf_ds): keep
+    the last alive while training (ZeRO-3)."""
     cfg = _run_config(model_file, variant, seq_len, zero_json, dtype)
     mesh = init_mesh(torch.distributed.get_world_size() if variant.seqpar else 1)
     config = config or model_config(cfg)
     if not variant.seqpar:
         config._attn_implementation = "sdpa"
     ds = deepspeed_config(cfg, mesh.dp_size, resolve_dtype(dtype) == torch.bfloat16)
-    model, hf_ds = load_model(cfg, ds, config)
+    # On a GPU the weights are initialized there: one CPU thread per rank takes over a
+    # minute for a 1B model. The memory reading is the same, they end up there anyway.
+    device = _rank_device()
+    with device if device.type == "cuda" else contextlib.nullcontext():
+        model, hf_ds = load_model(cfg, ds, config)
     if variant.seqpar:
         parallelize(model, mesh, tiled_mlp=variant.tiled_mlp, tiled_layer=variant.tiled_layer,
                     offload_activations=variant.offload_activations)
@@ -120,10 +127,13 @@ def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed,
     engine = initialize_engine(model, cfg, mesh, ds)
     mark("engine ready")
     scale = sp_loss_scale(ds, mesh.sp_size) if variant.seqpar else 1.0
-    g = torch.Generator().manual_seed(seed)
-    losses = []
+    return engine, mesh, config, scale, hf_ds
+
+
+def _steps(engine, mesh, variant: Variant, config, scale, seq_len, steps, generator, mark, losses):
+    """Train `steps` steps on random tokens of `seq_len`, appending each loss."""
     for _ in range(steps):
-        ids = torch.randint(0, config.vocab_size, (1, seq_len), generator=g)
+        ids = torch.randint(0, config.vocab_size, (1, seq_len), generator=generator)
         batch = shard_batch({"input_ids": ids}, mesh) if variant.seqpar else \
             {"input_ids": ids, "labels": ids}
         loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
@@ -131,6 +141,14 @@ def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed,
         engine.step()
         losses.append(float(loss.detach()))
         mark(f"step {len(losses)}")
+    return losses
+
+
+def _train(model_file, variant: Variant, seq_len, zero_json, dtype, steps, seed, mark, config=None):
+    """Build, wrap and train `steps` steps on random tokens; `mark(name)` after each phase."""
+    engine, mesh, config, scale, hf_ds = _build(model_file, variant, seq_len, zero_json, dtype, mark, config)
+    losses = _steps(engine, mesh, variant, config, scale, seq_len, steps, torch.Generator().manual_seed(seed),
+                    mark, [])
     engine.destroy()
     del hf_ds
     return losses
@@ -155,63 +173,181 @@ def _rank_steps(model_file, variant_dict, seq_len, zero_json, dtype, steps, seed
     _fixed_malloc()
 
     variant = Variant(**variant_dict)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
     _prime(model_file, variant, zero_json, dtype, seed)
-    mem = PeakMemory(device)
-    mem.start()  # before the model exists: everything below is counted
-    mem.reset_peak()
-    phases = {}
-
-    def mark(name):  # memory in use above the baseline now, and the peak so far
-        now = mem.result()
-        phases[name] = {"now": now["now_bytes"] - mem.baseline, "peak": now["peak_extra_bytes"]}
-
+    mem, phases, mark = _meter(_rank_device())
     t0 = time.perf_counter()
     losses = _train(model_file, variant, seq_len, zero_json, dtype, steps, seed, mark)
     seconds = (time.perf_counter() - t0) / steps
     return {"memory": mem.result(), "phases": phases, "losses": losses, "step_s": seconds}
 
 
+def _rank_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+
+
+def _meter(device):
+    """A PeakMemory started now (before the model exists: everything after is counted),
+    the phases dict and `mark(name)`, which records the memory in use above the baseline
+    and the peak so far under that name."""
+    mem = PeakMemory(device)
+    mem.start()
+    mem.reset_peak()
+    phases = {}
+
+    def mark(name):
+        now = mem.result()
+        phases[name] = {"now": now["now_bytes"] - mem.baseline, "peak": now["peak_extra_bytes"]}
+    return mem, phases, mark
+
+
+def _rank_until_oom(model_file, variant_dict, seq_lens, zero_json, dtype, steps, seed, cap_bytes=None):
+    """Runs on the one rank of `--until-oom`: build the model once, then train
+    `steps` steps at each length in ascending order, stopping at the first that runs out
+    of memory. A length's peak is that of its own steps (peak statistics reset before
+    them; the first length's also covers the build, as a fresh run's does) above the
+    memory in use before the model was built, so the model states count at every length.
+    `cap_bytes` (CUDA): the most this process may allocate, as on a GPU of that size."""
+    _fixed_malloc()
+    if cap_bytes and dist.get_backend() == "nccl":
+        device = _rank_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / torch.cuda.mem_get_info(device)[1]), device)
+    variant = Variant(**variant_dict)
+    _prime(model_file, variant, zero_json, dtype, seed)
+    mem, phases, mark = _meter(_rank_device())
+    engine, mesh, config, scale, hf_ds = _build(model_file, variant, seq_lens[0], zero_json, dtype, mark)
+    generator, results = torch.Generator().manual_seed(seed), []
+    for i, s in enumerate(seq_lens):
+        if i:
+            mem.reset_peak()
+        phases.clear()
+        t0, losses = time.perf_counter(), []
+        try:
+            _steps(engine, mesh, variant, config, scale, s, steps, generator, mark, losses)
+        except torch.OutOfMemoryError:
+            results.append({"seq_len": s, "error": "out of memory"})
+            print(f"[bench memory] {variant.name} S={s}: out of memory", file=sys.stderr, flush=True)
+            break  # the engine is mid-step now: nothing longer is tried in this process
+        results.append({"seq_len": s, "memory": mem.result(), "phases": dict(phases), "losses": losses,
+                        "step_s": (time.perf_counter() - t0) / steps, "error": None})
+        print(f"[bench memory] {variant.name} S={s}: peak {results[-1]['memory']['peak_extra_bytes'] / MIB:.0f} MiB",
+              file=sys.stderr, flush=True)
+    del hf_ds
+    return results
+
+
 def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float32",
                      variant_names=VARIANTS, tile=1024, steps=2, device="cpu", seed=0,
-                     timeout=3600.0, out=None, json_path=None) -> list[dict]:
+                     timeout=3600.0, out=None, json_path=None, until_oom=False, gpu_mem=None) -> list[dict]:
     """Measure every variant at every length, with the planner's prediction beside it.
     Each row is reported (and `json_path` rewritten) as soon as it is measured, so a run
-    cut short by a time limit keeps what it measured."""
-    zero_json = f"configs/deepspeed/zero{zero}.json"
-    rows = []
-    chosen = [v for v in variants(variant_names, tile)
-              if not (v.name == "+offload" and device == "cpu")]
-    for s in seq_lens:
+    cut short by a time limit keeps what it measured. `until_oom` (one CUDA rank): each
+    variant builds its model once and tries the lengths in ascending order until one runs
+    out of memory (a row with error "out of memory"; longer lengths get no row), and a
+    second table gives the longest that ran next to the planner's longest for the same
+    memory (`gpu_mem` bytes: a cap on what the rank may allocate, default the GPU's)."""
+    bench = _Bench(model_file, world_size, zero, dtype, device, json_path)
+    chosen = [v for v in variants(variant_names, tile) if not (v.name == "+offload" and device == "cpu")]
+    if until_oom:
+        capacity = gpu_mem or (torch.cuda.mem_get_info()[1] if device == "cuda" else None)
         for v in chosen:
-            print(f"[bench memory] {v.name} S={s} W={world_size} ZeRO-{zero}: running...",
-                  file=sys.stderr, flush=True)
-            cfg = _run_config(model_file, v, s, zero_json, dtype)
-            cfg.parallel.sp_size = world_size if v.seqpar else 1
-            predicted = plan_for_run(cfg, world_size, config=model_config(cfg), device=device,
-                                     plain_transformers=not v.seqpar)
-            try:
-                r = run_distributed(_rank_steps, world_size, model_file, asdict(v), s, zero_json, dtype,
-                                    steps, seed, backend="nccl" if device == "cuda" else "gloo",
-                                    timeout=timeout)
-                peaks = [x["memory"]["peak_extra_bytes"] for x in r]
-                measured, error, step_s, loss = max(peaks), None, r[0]["step_s"], r[0]["losses"][-1]
-                phases = r[peaks.index(measured)]["phases"]
-            except DistributedRunError as exc:
-                measured, error, step_s, loss = None, str(exc).strip().splitlines()[-1], None, None
-                phases = None
-            rows.append({"variant": v.name, "seq_len": s, "world_size": world_size, "zero": zero,
-                         "dtype": dtype, "measured_peak_bytes": measured,
-                         "predicted_peak_bytes": predicted.total, "predicted": predicted.as_dict(),
-                         "error": error, "step_s": step_s, "loss": loss, "phases": phases})
-            result = f"peak {measured / MIB:.0f} MiB, {step_s:.2f} s/step" if measured else error
-            print(f"[bench memory] {v.name} S={s}: {result} (plan {predicted.total / MIB:.0f} MiB)",
-                  file=sys.stderr, flush=True)
-            if json_path:
-                write_json(rows, json_path)
-    print(format_table(rows), file=out or sys.stdout, flush=True)
-    return rows
+            bench.until_oom(v, sorted(seq_lens), steps, seed, timeout, gpu_mem, capacity)
+    else:
+        for s in seq_lens:
+            for v in chosen:
+                bench.fixed_length(v, s, steps, seed, timeout)
+    print(format_table(bench.rows), file=out or sys.stdout, flush=True)
+    if bench.limits:
+        print("\n" + format_limits(bench.limits), file=out or sys.stdout, flush=True)
+    return bench.rows
+
+
+class _Bench:
+    """The runs of one `run_memory_bench`: each row reported, with the plan, as measured."""
+
+    def __init__(self, model_file, world_size, zero, dtype, device, json_path):
+        self.model_file, self.world_size, self.zero, self.dtype = model_file, world_size, zero, dtype
+        self.device, self.json_path = device, json_path
+        self.zero_json = f"configs/deepspeed/zero{zero}.json"
+        self.backend = "nccl" if device == "cuda" else "gloo"
+        self.rows, self.limits = [], []
+
+    def fixed_length(self, v: Variant, s, steps, seed, timeout):
+        print(f"[bench memory] {v.name} S={s} W={self.world_size} ZeRO-{self.zero}: running...",
+              file=sys.stderr, flush=True)
+        try:
+            by_rank = run_distributed(_rank_steps, self.world_size, self.model_file, asdict(v), s, self.zero_json,
+                                      self.dtype, steps, seed, backend=self.backend, timeout=timeout)
+            self.report(v, s, by_rank)
+        except DistributedRunError as exc:
+            self.report(v, s, None, str(exc).strip().splitlines()[-1])
+
+    def until_oom(self, v: Variant, seq_lens, steps, seed, timeout, gpu_mem, capacity):
+        print(f"[bench memory] {v.name} S={','.join(map(str, seq_lens))} until out of memory: running...",
+              file=sys.stderr, flush=True)
+        try:
+            (results,) = run_distributed(_rank_until_oom, 1, self.model_file, asdict(v), seq_lens, self.zero_json,
+                                         self.dtype, steps, seed, gpu_mem, backend=self.backend, timeout=timeout)
+        except DistributedRunError as exc:
+            self.report(v, seq_lens[0], None, str(exc).strip().splitlines()[-1])
+            return
+        for r in results:
+            self.report(v, r["seq_len"], [r] if r["error"] is None else None, r["error"])
+        if capacity:
+            run, shape = self._run(v, seq_lens[0])
+            self.limits.append(_limit(v, [r for r in self.rows if r["variant"] == v.name], capacity,
+                                      max_seq_len(shape, run, capacity, 1024)))
+            self._save()
+
+    def _run(self, v: Variant, s):
+        """The planner's (RunShape, ModelShape) of this variant at `s` tokens."""
+        cfg = _run_config(self.model_file, v, s, self.zero_json, self.dtype)
+        cfg.parallel.sp_size = self.world_size if v.seqpar else 1
+        run = run_shape(cfg, self.world_size, device=self.device, plain_transformers=not v.seqpar)
+        return run, ModelShape.from_config(model_config(cfg))
+
+    def report(self, v: Variant, s, by_rank, error=None):
+        run, shape = self._run(v, s)
+        r = _row(v, s, self.world_size, self.zero, self.dtype, estimate(shape, run), by_rank, error)
+        self.rows.append(r)
+        result = f"peak {r['measured_peak_bytes'] / MIB:.0f} MiB, {r['step_s']:.2f} s/step" \
+            if r["measured_peak_bytes"] else r["error"]
+        print(f"[bench memory] {v.name} S={s}: {result} (plan {r['predicted_peak_bytes'] / MIB:.0f} MiB)",
+              file=sys.stderr, flush=True)
+        self._save()
+
+    def _save(self):
+        if self.json_path:
+            write_json(self.rows, self.json_path, self.limits)
+
+
+def _limit(v: Variant, rows, capacity, planner_longest) -> dict:
+    ran = [r["seq_len"] for r in rows if r["error"] is None]
+    oom = [r["seq_len"] for r in rows if r["error"] == "out of memory"]
+    return {"variant": v.name, "capacity_bytes": capacity, "longest_ran": max(ran, default=None),
+            "out_of_memory_at": min(oom, default=None), "planner_longest": planner_longest}
+
+
+def format_limits(limits) -> str:
+    cells = [[x["variant"], f"{x['capacity_bytes'] / GIB:.1f}", x["longest_ran"] or "-",
+              x["out_of_memory_at"] or "not reached", x["planner_longest"]] for x in limits]
+    lines = markdown_table(["variant", "memory GiB", "longest that ran", "out of memory at",
+                            "planner's longest"], cells, "lrrrr")
+    return "\n".join(lines + ["", "longest that ran / out of memory at: the --seq-len values tried in "
+                                   "ascending order (--until-oom); planner's longest: `seqpar plan`'s largest "
+                                   "multiple of 1024 tokens predicted to fit in the same memory."])
+
+
+def _row(v: Variant, s, world_size, zero, dtype, predicted, by_rank, error) -> dict:
+    """One table row: the largest peak over the ranks (None with `error`) and the plan."""
+    measured = step_s = loss = phases = None
+    if by_rank:
+        peaks = [x["memory"]["peak_extra_bytes"] for x in by_rank]
+        measured, step_s, loss = max(peaks), by_rank[0]["step_s"], by_rank[0]["losses"][-1]
+        phases = by_rank[peaks.index(measured)]["phases"]
+    return {"variant": v.name, "seq_len": s, "world_size": world_size, "zero": zero, "dtype": dtype,
+            "measured_peak_bytes": measured, "predicted_peak_bytes": predicted.total,
+            "predicted": predicted.as_dict(), "error": error, "step_s": step_s, "loss": loss, "phases": phases}
 
 
 def format_table(rows) -> str:
@@ -233,9 +369,9 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_json(rows, path) -> None:
+def write_json(rows, path, limits=()) -> None:
     with open(path, "w") as f:
-        json.dump({"rows": rows}, f, indent=1)
+        json.dump({"rows": rows, "limits": list(limits)}, f, indent=1)
 
 
 def add_parser(benches) -> None:
@@ -255,7 +391,14 @@ def add_parser(benches) -> None:
     p.add_argument("--steps", type=int, default=2, help="training steps per run (the peak is over all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: gloo ranks; cuda: nccl, one GPU per rank")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per run")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds allowed per run (with --until-oom: per variant, all its lengths)")
+    p.add_argument("--until-oom", action="store_true",
+                   help="the longest length that fits: each variant builds its model once and tries --seq-len "
+                        "in ascending order until one runs out of memory (--device cuda --world-size 1)")
+    p.add_argument("--gpu-mem", type=parse_bytes, metavar="BYTES",
+                   help="with --until-oom: the most the rank may allocate (e.g. 32GiB), as on a GPU of that "
+                        "size, so the longest length is found at lengths that run in seconds")
     p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     p.set_defaults(func=_run_cli)
 
@@ -265,6 +408,12 @@ def _run_cli(args) -> int:
         if torch.cuda.device_count() < args.world_size:
             raise SeqparError(f"--device cuda needs {args.world_size} GPUs (one per rank); "
                               f"{torch.cuda.device_count()} visible. Lower --world-size or use --device cpu.")
+    if args.until_oom and (args.device != "cuda" or args.world_size != 1):
+        raise SeqparError("--until-oom needs --device cuda --world-size 1: only one rank can recover from "
+                          "running out of memory (others would wait in a collective), and CPU ranks are "
+                          "killed by the OS instead. Drop --until-oom, or run it on one GPU.")
+    if args.gpu_mem and not args.until_oom:
+        raise SeqparError("--gpu-mem caps the memory of an --until-oom search; add --until-oom or drop --gpu-mem.")
     if args.world_size < 1 or args.steps < 1:
         raise SeqparError("--world-size and --steps must be at least 1.")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -272,5 +421,7 @@ def _run_cli(args) -> int:
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     rows = run_memory_bench(args.model, [int(x) for x in args.seq_len.split(",")], world_size=args.world_size,
                             zero=args.zero, dtype=dtype, variant_names=names, tile=args.tiled_mlp,
-                            steps=args.steps, device=args.device, timeout=args.timeout, json_path=args.json)
-    return 0 if all(r["error"] is None for r in rows) else 1
+                            steps=args.steps, device=args.device, timeout=args.timeout, json_path=args.json,
+                            until_oom=args.until_oom, gpu_mem=args.gpu_mem)
+    fine = (None, "out of memory") if args.until_oom else (None,)
+    return 0 if all(r["error"] in fine for r in rows) else 1

@@ -325,10 +325,16 @@ def plan_for_run(cfg, world: int, *, config, device: str = "cuda",
     """The estimate for a seqpar run config (a `RunConfig`, read by attribute: plan does not
     import train) on `world` ranks; `config` is the model's transformers config (the caller
     builds it, e.g. with `seqpar.train.model_loader.model_config`)."""
+    return estimate(ModelShape.from_config(config),
+                    run_shape(cfg, world, device=device, plain_transformers=plain_transformers))
+
+
+def run_shape(cfg, world: int, *, device: str = "cuda", plain_transformers: bool = False) -> RunShape:
+    """The `RunShape` of a seqpar run config on `world` ranks (see `plan_for_run`)."""
     ds = load_deepspeed_config(cfg.train.deepspeed_config)
     zero = ds.get("zero_optimization", {})
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    run = RunShape(
+    return RunShape(
         seq_len=cfg.train.seq_len, world=world, sp_size=cfg.parallel.sp_size,
         ulysses_size=cfg.parallel.ulysses_size, attention=cfg.parallel.attention,
         zero=int(zero.get("stage", 0)), dtype=dtype, micro_batch=cfg.train.micro_batch_size,
@@ -340,7 +346,6 @@ def plan_for_run(cfg, world: int, *, config, device: str = "cuda",
         plain_transformers=plain_transformers,
         reduce_bucket=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), device=device)
-    return estimate(ModelShape.from_config(config), run)
 
 
 def _grad_accum_dtype(ds: dict) -> str | None:
