@@ -224,9 +224,10 @@ def _rank_until_oom(model_file, variant_dict, seq_lens, zero_json, dtype, steps,
         t0, losses = time.perf_counter(), []
         try:
             _steps(engine, mesh, variant, config, scale, s, steps, generator, mark, losses)
-        except torch.OutOfMemoryError:
-            results.append({"seq_len": s, "error": "out of memory"})
-            print(f"[bench memory] {variant.name} S={s}: out of memory", file=sys.stderr, flush=True)
+        except torch.OutOfMemoryError as e:
+            detail = str(e).strip().split(". ")[0]  # "... Tried to allocate X GiB"
+            results.append({"seq_len": s, "error": "out of memory", "detail": detail})
+            print(f"[bench memory] {variant.name} S={s}: out of memory: {detail}", file=sys.stderr, flush=True)
             break  # the engine is mid-step now: nothing longer is tried in this process
         results.append({"seq_len": s, "memory": mem.result(), "phases": dict(phases), "losses": losses,
                         "step_s": (time.perf_counter() - t0) / steps, "error": None})
