@@ -229,6 +229,8 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         tile = run.tiled_layer
         out.update(tiled_layer=True, grads_full=b * t * (h + q) + 2 * b * shape.layer_params, dy=b * t * h,
                    tile_work=tile * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h))
+        if run.attention in ("ring", "hybrid"):
+            out["attention_grads"] += t * _ring_accumulators(shape, run, b)
         return out
     # Gradients in flight in one layer's backward: float32 in the norms, two of the
     # intermediate width in the MLP's (act * up) backward. With the tiled MLP, per tile,
@@ -238,6 +240,19 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         widest = (4 + 2) * shape.intermediate * run.tiled_mlp
     out.update(norm_grads=t * 4 * 2 * h, mlp_grads=b * widest)
     return out
+
+
+def _ring_accumulators(shape: ModelShape, run: RunShape, b: int) -> int:
+    """Bytes per token that ring attention's backward (seqpar/parallel/ring.py) holds beside
+    the kernels' dq/dk/dv: dq accumulated in float32 (at least), and, without a ring
+    exchange (whose buffers `_comm` counts), the float32 dK/dV accumulator and the stacked
+    K/V. Measured on an H200 in bfloat16 (allocator trace of the tiled layer's backward,
+    README); in float32 they are the model dtype. Counted for the tiled layer, whose
+    backward peak is attention's; the untiled layers' terms over-predict by more already."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    acc = max(b, 4)
+    exchanging = run.sp_size // run.ulysses_size > 1
+    return acc * q + (0 if exchanging else acc * 2 * kv + b * 2 * kv)
 
 
 def _layer_backward(acts: dict, comm: int) -> dict:
