@@ -112,11 +112,21 @@ def run_backward(pick: Pick, dout, q, k, v, out, lse, delta, scale, mask_kw, kin
     split = _split_keys(pick, q, kind, sk, custom_delta)
     if split is not None:
         p, aligned = split
+        # The two parts' gradients go straight into one accumulator each (the sum in the
+        # accumulate dtype, as before), the first part freed before the second runs: no
+        # float32 copy of a part ever exists beside the result.
         acc = accumulate_dtype(q.dtype)
-        seen = run_backward(pick, dout, q, k[:, :p], v[:, :p], out, lse, delta, scale, {},
+        dq, dk, dv = (torch.empty(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+        part = run_backward(pick, dout, q, k[:, :p], v[:, :p], out, lse, delta, scale, {},
                             MaskKind(NONE), custom_delta)
-        diag = run_backward(pick, dout, q, k[:, p:], v[:, p:], out, lse, delta, scale,
+        dq.copy_(part[0])
+        dk[:, :p].copy_(part[1])
+        dv[:, :p].copy_(part[2])
+        del part
+        part = run_backward(pick, dout, q, k[:, p:], v[:, p:], out, lse, delta, scale,
                             _top_left_mask(q, sk - p), aligned, custom_delta)
-        return (seen[0].to(acc) + diag[0].to(acc),
-                *(torch.cat([a.to(acc), b.to(acc)], dim=1) for a, b in zip(seen[1:], diag[1:])))
+        dq.add_(part[0])
+        dk[:, p:].copy_(part[1])
+        dv[:, p:].copy_(part[2])
+        return dq, dk, dv
     return pick(kind.kind, custom_delta).backward(dout, q, k, v, out, lse, delta, scale, {**mask_kw, "kind": kind})

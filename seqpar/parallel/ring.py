@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..ops import attention_backward, attention_delta, attention_forward
+from ..ops import attention, attention_backward, attention_delta, attention_forward
 from ..ops.dtypes import accumulate_dtype
 from ..ops.masks import classify_mask
 from .comm import TAG_DKV, TAG_KV, RingExchange
@@ -243,7 +243,7 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dkv_ring = RingExchange(ctx.group, TAG_DKV)
         for step, (src, kv) in enumerate(_ring_steps(torch.stack([k, v]), ctx.group)):
-            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+            dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
             for call in ctx.kernels[src]:
                 qr, kr = call.q, call.k
                 dq_blk, dk_blk, dv_blk = attention_backward(
@@ -274,6 +274,12 @@ def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "z
     """
     world = dist.get_world_size(group)
     check_shard_inputs(q, k, v, world, layout, doc_ids)
+    if world == 1:
+        # Alone in its group a rank holds the whole sequence in order (every layout is the
+        # identity for one rank): one block, with no float32 accumulators and no split
+        # diagonal, which is where a one-GPU run's memory peaks.
+        out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, doc_ids=doc_ids)
+        return (out, lse) if return_lse else out
     agree_on_kernels(q, group)
     out, lse = _RingAttention.apply(q, k, v, group, causal, layout, softmax_scale, doc_ids)
     return (out, lse) if return_lse else out

@@ -244,15 +244,13 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
 
 def _ring_accumulators(shape: ModelShape, run: RunShape, b: int) -> int:
     """Bytes per token that ring attention's backward (seqpar/parallel/ring.py) holds beside
-    the kernels' dq/dk/dv: dq accumulated in float32 (at least), and, without a ring
-    exchange (whose buffers `_comm` counts), the float32 dK/dV accumulator and the stacked
-    K/V. Measured on an H200 in bfloat16 (allocator trace of the tiled layer's backward,
+    the kernels' dq/dk/dv: dq accumulated in float32 (at least; its float32 dK/dV travel
+    in the buffers `_comm` counts). A ring of one rank runs one block of attention, with
+    none. Measured on an H200 in bfloat16 (allocator trace of the tiled layer's backward,
     README); in float32 they are the model dtype. Counted for the tiled layer, whose
     backward peak is attention's; the untiled layers' terms over-predict by more already."""
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    acc = max(b, 4)
     exchanging = run.sp_size // run.ulysses_size > 1
-    return acc * q + (0 if exchanging else acc * 2 * kv + b * 2 * kv)
+    return max(b, 4) * shape.heads * shape.head_dim if exchanging else 0
 
 
 def _layer_backward(acts: dict, comm: int) -> dict:
