@@ -261,12 +261,16 @@ def test_tiled_layer_and_zero3_offload_terms():
     assert fp32.detail["gradients_full"] == 2 * DS_REDUCE_BUCKET + 4 * shape.params
 
 
-def test_tiled_layer_counts_ring_accumulators():
-    """Ring attention's backward keeps dq in float32 beside the kernels' bfloat16 dq/dk/dv
-    (measured on an H200); a ring of one rank runs one block of attention, without."""
+def test_tiled_layer_counts_ring_accumulators_and_gqa_expansion():
+    """Measured on an H200: ring attention's backward keeps dq in float32 beside the
+    kernels' bfloat16 dq/dk/dv (a ring of one rank runs one block of attention, without),
+    and on CUDA K/V and their gradients exist expanded to the query heads."""
     shape = ModelShape.from_config(AutoConfig.from_pretrained(SHAPE_8B))
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    one = RunShape(seq_len=1 << 16, world=1, sp_size=1, zero=3, gradient_checkpointing=True, tiled_layer=8192)
+    one = RunShape(seq_len=1 << 16, world=1, sp_size=1, zero=3, gradient_checkpointing=True, tiled_layer=8192,
+                   device="cpu")
     assert estimate(shape, one).detail["act_attention_grads"] == (1 << 16) * 2 * (q + 2 * kv)
     ring = replace(one, seq_len=1 << 19, world=8, sp_size=8)
     assert estimate(shape, ring).detail["act_attention_grads"] == (1 << 16) * (2 * (q + 2 * kv) + 4 * q)
+    gpu = replace(one, device="cuda")
+    assert estimate(shape, gpu).detail["act_attention_grads"] == (1 << 16) * (2 * (q + 2 * kv) + 4 * 2 * q)
