@@ -51,8 +51,8 @@ if [ "$PHASE" = limits ]; then
     export SEQPAR_DISABLE_EXT=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     M1B=configs/models/llama3.2_1b_shape.json
     # A 32 GiB cap puts each variant's limit at lengths whose steps take seconds.
-    TAIL=30 step limits_32gib 330 $SP bench memory --device cuda --world-size 1 --zero 2 --model "$M1B" \
-        --until-oom --gpu-mem 32GiB --steps 1 --timeout 150 --variants transformers,+tiled-mlp,+tiled-layer \
+    TAIL=30 step limits_32gib 480 $SP bench memory --device cuda --world-size 1 --zero 2 --model "$M1B" \
+        --until-oom --gpu-mem 32GiB --steps 1 --timeout 200 --variants transformers,+tiled-mlp,+tiled-layer \
         --seq-len 4096,8192,16384,24576,32768,49152,65536,73728,81920,90112,98304,106496,114688,122880,131072,139264,147456,155648,163840,180224,196608 \
         --json "$OUT/limits_32gib.json"
     TAIL=20 step limits_whole_gpu 90 $SP bench memory --device cuda --world-size 1 --zero 2 --model "$M1B" \
