@@ -42,10 +42,11 @@ def run_forward(backend, q, k, v, scale, mask_kw, kind: MaskKind):
 
 
 def run_backward(backend, dout, q, k, v, out, lse, delta, scale, mask_kw, kind: MaskKind,
-                 custom_delta: bool = False):
-    """(dq, dk, dv) of one block on `backend` (None: the registry chooses), rewrites applied."""
+                 custom_delta: bool = False, into=None):
+    """(dq, dk, dv) of one block on `backend` (None: the registry chooses), rewrites applied
+    (added into `into` if given: see `rewrites.run_backward`)."""
     return rewrites.run_backward(_pick(backend, q), dout, q, k, v, out, lse, delta, scale, mask_kw, kind,
-                                 custom_delta)
+                                 custom_delta, into)
 
 
 def attention_forward(q, k, v, *, softmax_scale=None, mask_kind: MaskKind | None = None, **mask_kw):
@@ -59,14 +60,16 @@ def attention_forward(q, k, v, *, softmax_scale=None, mask_kind: MaskKind | None
 
 
 def attention_backward(dout, q, k, v, out, lse, *, delta=None, softmax_scale=None,
-                       mask_kind: MaskKind | None = None, custom_delta: bool = False, **mask_kw):
+                       mask_kind: MaskKind | None = None, custom_delta: bool = False, into=None, **mask_kw):
     """(dq, dk, dv) of one block from the final out and lse.
 
     `delta` = rowsum(dout * out) may be passed precomputed; `custom_delta=True` says it
     carries more than that (a gradient on lse), which only kernels that take delta serve.
+    `into`: three accumulators (q's, k's, v's shape, float32 for half inputs) to add the
+    gradients into, returned instead of new tensors (ring attention sums its blocks so).
     """
     kind = _mask_kind(q, k, mask_kw, mask_kind)
-    return run_backward(None, dout, q, k, v, out, lse, delta, softmax_scale, mask_kw, kind, custom_delta)
+    return run_backward(None, dout, q, k, v, out, lse, delta, softmax_scale, mask_kw, kind, custom_delta, into)
 
 
 def attention_backend(device="cpu", dtype=torch.float32, head_dim: int = 64) -> str:

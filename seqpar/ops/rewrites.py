@@ -95,38 +95,38 @@ def run_forward(pick: Pick, q, k, v, scale, mask_kw, kind: MaskKind):
 
 
 def run_backward(pick: Pick, dout, q, k, v, out, lse, delta, scale, mask_kw, kind: MaskKind,
-                 custom_delta: bool = False):
-    """(dq, dk, dv) of one block on the kernels `pick` chooses, rewrites applied."""
+                 custom_delta: bool = False, into=None):
+    """(dq, dk, dv) of one block on the kernels `pick` chooses, rewrites applied.
+
+    With `into` (tensors of q's, k's and v's shape in the accumulate dtype) the gradients
+    are added into them, part by part, and `into` is returned: a caller summing blocks
+    (ring attention) then holds no float32 copy of a block beside its own sums."""
     sq, sk = q.shape[1], k.shape[1]
     cut = _drop_rows(kind, sq, sk)
-    if cut is not None or kind.kind == EMPTY:
-        drop, keep, aligned = cut if cut is not None else (sq, 0, kind)
+    split = None if cut is not None or kind.kind == EMPTY else _split_keys(pick, q, kind, sk, custom_delta)
+    if cut is None and kind.kind != EMPTY and split is None:
+        grads = pick(kind.kind, custom_delta).backward(dout, q, k, v, out, lse, delta, scale,
+                                                       {**mask_kw, "kind": kind})
+        if into is None:
+            return grads
+        for total, grad in zip(into, grads):
+            total.add_(grad)
+        return into
+    if into is None:
         acc = accumulate_dtype(q.dtype)
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
-        if drop < sq and keep > 0:
-            part = run_backward(pick, dout[:, drop:], q[:, drop:], k[:, :keep], v[:, :keep],
-                                out[:, drop:], lse[..., drop:], None if delta is None else delta[..., drop:],
-                                scale, _top_left_mask(q[:, drop:], keep), aligned, custom_delta)
-            dq[:, drop:], dk[:, :keep], dv[:, :keep] = part
-        return dq, dk, dv
-    split = _split_keys(pick, q, kind, sk, custom_delta)
-    if split is not None:
+        into = tuple(torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+    dq, dk, dv = into
+    if split is not None:  # the keys every row sees, then the causal rest
         p, aligned = split
-        # The two parts' gradients go straight into one accumulator each (the sum in the
-        # accumulate dtype, as before), the first part freed before the second runs: no
-        # float32 copy of a part ever exists beside the result.
-        acc = accumulate_dtype(q.dtype)
-        dq, dk, dv = (torch.empty(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
-        part = run_backward(pick, dout, q, k[:, :p], v[:, :p], out, lse, delta, scale, {},
-                            MaskKind(NONE), custom_delta)
-        dq.copy_(part[0])
-        dk[:, :p].copy_(part[1])
-        dv[:, :p].copy_(part[2])
-        del part
-        part = run_backward(pick, dout, q, k[:, p:], v[:, p:], out, lse, delta, scale,
-                            _top_left_mask(q, sk - p), aligned, custom_delta)
-        dq.add_(part[0])
-        dk[:, p:].copy_(part[1])
-        dv[:, p:].copy_(part[2])
-        return dq, dk, dv
-    return pick(kind.kind, custom_delta).backward(dout, q, k, v, out, lse, delta, scale, {**mask_kw, "kind": kind})
+        run_backward(pick, dout, q, k[:, :p], v[:, :p], out, lse, delta, scale, {}, MaskKind(NONE),
+                     custom_delta, (dq, dk[:, :p], dv[:, :p]))
+        run_backward(pick, dout, q, k[:, p:], v[:, p:], out, lse, delta, scale, _top_left_mask(q, sk - p),
+                     aligned, custom_delta, (dq, dk[:, p:], dv[:, p:]))
+        return into
+    drop, keep, aligned = cut if cut is not None else (sq, 0, kind)  # rows that see no key
+    if drop < sq and keep > 0:
+        run_backward(pick, dout[:, drop:], q[:, drop:], k[:, :keep], v[:, :keep], out[:, drop:],
+                     lse[..., drop:], None if delta is None else delta[..., drop:], scale,
+                     _top_left_mask(q[:, drop:], keep), aligned, custom_delta,
+                     (dq[:, drop:], dk[:, :keep], dv[:, :keep]))
+    return into

@@ -246,12 +246,9 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
             for call in ctx.kernels[src]:
                 qr, kr = call.q, call.k
-                dq_blk, dk_blk, dv_blk = attention_backward(
-                    dout[:, qr], q[:, qr], kv[0][:, kr], kv[1][:, kr], out[:, qr], lse[:, :, qr],
-                    delta=delta[:, :, qr], **call.mask)
-                dq[:, qr] += dq_blk
-                dkv[0][:, kr] += dk_blk
-                dkv[1][:, kr] += dv_blk
+                attention_backward(dout[:, qr], q[:, qr], kv[0][:, kr], kv[1][:, kr], out[:, qr], lse[:, :, qr],
+                                   delta=delta[:, :, qr], into=(dq[:, qr], dkv[0][:, kr], dkv[1][:, kr]),
+                                   **call.mask)
             # The dK/dV buffer of block `src` arrived from rank r-1 while we computed; add
             # ours and pass it on. After the last step it lands on its owner.
             if step > 0:
