@@ -20,6 +20,7 @@ names the fix; a failed rank of a spawned run exits with status 1.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ from .studies import extend as extend_study
 from .train import ckpt_cli
 from .train.config_io import load_config
 from .train.elastic import stated_keys
-from .train.loop import shutdown_distributed
+from .train.loop import shutdown_distributed, torn_down
 
 
 def _run_train(args) -> int:
@@ -140,5 +141,22 @@ def _let_sibling_ranks_report() -> None:
         time.sleep(SIBLING_REPORT_GRACE_S["after init" if dist.is_initialized() else "before init"])
 
 
+def run() -> None:
+    """The `seqpar` command and `python -m seqpar.cli`: `main`, then the process ends.
+
+    A rank whose process group was torn down after a finished run ends with `os._exit`:
+    everything is written by then (checkpoints atomically, logs closed), and leaving the
+    exit to C++ static destructors lets a communication thread abort a rank that finished
+    its work ("terminate called without an active exception", seen again in CI after the
+    teardown), which fails a good job. In-process callers of `main` are not affected."""
+    code = main()
+    if torn_down():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code or 0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

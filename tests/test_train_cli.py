@@ -174,3 +174,19 @@ def test_staged_schedule_with_evals(tmp_path):
         assert (tmp_path / "run" / stage / "eval" / "ppl.json").is_file()
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already finished") == 2, again.stdout[-3000:]
+
+
+def test_rank_ends_without_static_destructors_after_teardown(tmp_path):
+    """After a finished run tore its process group down, `seqpar.cli.run` ends the process
+    with os._exit (C++ teardown could abort a finished rank): the exit code is main's and
+    output is flushed; interpreter-exit hooks do not run. Without a teardown: a normal exit."""
+    script = ("import atexit, sys, seqpar.cli as c\n"
+              "atexit.register(lambda: print('atexit ran'))\n"
+              "c.torn_down = lambda: sys.argv[1] == 'torn'\n"
+              "c.main = lambda: print('finished', end='') or 3\n"
+              "c.run()\n")
+    for mode, hooks in (("torn", False), ("kept", True)):
+        proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)
+        assert proc.returncode == 3 and proc.stdout.startswith("finished"), proc.stdout + proc.stderr
+        assert ("atexit ran" in proc.stdout) is hooks, (mode, proc.stdout)

@@ -44,9 +44,19 @@ def shutdown_distributed() -> None:
     """Tear the process group down before the interpreter exits. Left to static
     destructors, the communication threads can abort a rank that finished its work
     ("terminate called without an active exception"), and a good run exits non-zero."""
+    global _TORN_DOWN
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _TORN_DOWN = True
+
+
+_TORN_DOWN = False
+
+
+def torn_down() -> bool:
+    """Whether `shutdown_distributed` ended this process's process group (see `seqpar.cli.run`)."""
+    return _TORN_DOWN
 
 
 def seed_everything(seed: int) -> None:
