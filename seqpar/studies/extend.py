@@ -114,12 +114,11 @@ class Study:
         self._log(f"[study {time.time() - self.start:6.0f}s] {msg}")
 
     # ------------------------------------------------------------------ data
-    def corpus(self, name: str, max_len: int, docs: int, seed: int) -> Path:
+    def corpus(self, name: str, length: int, docs: int, seed: int) -> Path:
         path = self.out / "data" / f"{name}.jsonl"
         if not path.exists():
             info = write_corpus(path.with_suffix(".tmp"), real_files=real_text_files(self.cfg["data"]["real_files"]),
-                                retrieval_docs=docs, min_len=max(48, max_len // 4), max_len=max_len,
-                                template=COMPACT, seed=seed)
+                                retrieval_docs=docs, length=length, template=COMPACT, seed=seed)
             path.with_suffix(".tmp").rename(path)
             path.with_suffix(".json").write_text(json.dumps(info, indent=2))
             self.log(f"corpus {name}: {info['real_documents']} real documents ({info['real_chars']} bytes), "
