@@ -243,7 +243,7 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dkv_ring = RingExchange(ctx.group, TAG_DKV)
         for step, (src, kv) in enumerate(_ring_steps(torch.stack([k, v]), ctx.group)):
-            dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
+            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
             for call in ctx.kernels[src]:
                 qr, kr = call.q, call.k
                 attention_backward(dout[:, qr], q[:, qr], kv[0][:, kr], kv[1][:, kr], out[:, qr], lse[:, :, qr],
