@@ -236,3 +236,40 @@ def test_broken_kernel_is_disabled_on_every_rank():
         assert len(disabled) == 1, (rank, disabled)  # one warning, not one per call
         assert ("max error" in disabled[0]) == (rank == 1) and "flash" not in sum(served.values(), [])
         assert ("another rank" in disabled[0]) == (rank == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_glue_without_native_gqa_calls_the_op_per_group_offset(dtype):
+    """An op without GQA (PyTorch's fused CUDA ops) is called once per offset in a
+    query-head group on the unexpanded K/V; the result equals the oracle, forward and
+    backward. The CPU flash op, declared without GQA, stands in for the CUDA ops."""
+    seen = []
+
+    def fwd(q, k, v, causal, scale):
+        seen.append(("fwd", q.shape[1], k.shape[1]))
+        return library_kernels._cpu_flash_fwd(q, k, v, causal, scale)
+
+    def bwd(dout, q, k, v, out, lse, causal, scale):
+        seen.append(("bwd", q.shape[1], k.shape[1]))
+        return library_kernels._cpu_flash_bwd(dout, q, k, v, out, lse, causal, scale)
+
+    backend = library_kernels.fused_backend("flash-no-gqa", "cpu", (dtype,), library_kernels.TOP_LEFT_KINDS,
+                                            fwd, bwd, native_gqa=False)
+    assert registry.verify(backend, CPU, dtype, 16).ok
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(2, 20, h, 16, generator=g, dtype=torch.float64) for h in (6, 2, 2, 6))
+    seen.clear()
+    kind = classify_mask(20, 20, causal=True)
+    low = [t.to(dtype) for t in (q, k, v, dout)]
+    out, lse = run_forward(backend, *low[:3], None, {"causal": True}, kind)
+    grads = run_backward(backend, low[3], *low[:3], out, lse, None, None, {"causal": True}, kind)
+    assert seen == [("fwd", 2, 2)] * 3 + [("bwd", 2, 2)] * 3  # 3 calls of 2 heads each way, bhsd
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*leaves, causal=True)
+    ref_out.backward(dout)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out.double(), ref_out.detach(), **tol)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), **tol)
+    for got, leaf in zip(grads, leaves):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), leaf.grad, **tol)

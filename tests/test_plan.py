@@ -261,10 +261,11 @@ def test_tiled_layer_and_zero3_offload_terms():
     assert fp32.detail["gradients_full"] == 2 * DS_REDUCE_BUCKET + 4 * shape.params
 
 
-def test_tiled_layer_counts_ring_accumulators_and_gqa_expansion():
+def test_tiled_layer_counts_ring_accumulators_and_gqa_calls():
     """Measured on an H200: ring attention's backward keeps dq in float32 beside the
-    kernels' bfloat16 dq/dk/dv (a ring of one rank runs one block of attention, without),
-    and on CUDA K/V and their gradients exist expanded to the query heads."""
+    kernels' bfloat16 dq/dk/dv (a ring of one rank runs one block of attention, without).
+    On CUDA the fused ops run GQA as one call per query-head group offset: a 1/g slice of
+    q, out, dout and dq per call, dK/dV summed in float32 (no K/V expanded to q's heads)."""
     shape = ModelShape.from_config(AutoConfig.from_pretrained(SHAPE_8B))
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     one = RunShape(seq_len=1 << 16, world=1, sp_size=1, zero=3, gradient_checkpointing=True, tiled_layer=8192,
@@ -273,4 +274,4 @@ def test_tiled_layer_counts_ring_accumulators_and_gqa_expansion():
     ring = replace(one, seq_len=1 << 19, world=8, sp_size=8)
     assert estimate(shape, ring).detail["act_attention_grads"] == (1 << 16) * (2 * (q + 2 * kv) + 4 * q)
     gpu = replace(one, device="cuda")
-    assert estimate(shape, gpu).detail["act_attention_grads"] == (1 << 16) * (2 * (q + 2 * kv) + 4 * 2 * q)
+    assert estimate(shape, gpu).detail["act_attention_grads"] == (1 << 16) * (2 * (q + 2 * kv) + 4 * 2 * kv + 8 * kv)

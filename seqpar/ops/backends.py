@@ -39,7 +39,7 @@ class Backend:
     forward: Callable
     backward: Callable
     head_dims: tuple | None = None  # None: any head_dim
-    native_gqa: bool = True        # False: K/V heads are expanded inside the glue
+    native_gqa: bool = True        # False: the glue runs one call per query-head group offset
     takes_delta: bool = True
     # available(device, head_dim=None): present and usable here (built, supported GPU, and
     # for a given head_dim, e.g. enough shared memory per block)

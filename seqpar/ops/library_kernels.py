@@ -8,10 +8,15 @@ All of them return the log-sum-exp, which is what lets ring attention merge bloc
   ops with their backwards, as PyTorch's own context parallelism calls them per block;
   the `flash-attn` package (FA2) when installed, whose causal is bottom-right aligned.
 
-The glue is shared: bshd <-> the op's layout, K/V heads expanded for ops without GQA
-(and their gradients summed back), the op's LSE reshaped to [b, h, sq]. The CPU flash op
-has the same bhsd + LSE contract as the CUDA flash op, so the CPU tests exercise the
-shared glue. No CUDA backend serves a block before it passed the registry's self-test.
+The glue is shared: bshd <-> the op's layout, the op's LSE reshaped to [b, h, sq], and
+GQA for ops without it: one call per offset r in a query-head group, over the query
+heads r, r+g, r+2g, ... (head i of them shares K/V head i), so every call is plain
+multi-head attention on the unexpanded K/V. Expanding K/V to the query heads instead
+held K, V and their gradients at query size (a third of the planned peak of Llama-3-8B
+at 1M tokens); the calls hold 1/g of q, out and their gradients at a time. The CPU
+flash op has the same bhsd + LSE contract as the CUDA flash op, so the CPU tests
+exercise the shared glue (declared without GQA for the test).
+No CUDA backend serves a block before it passed the registry's self-test.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import inspect
 import torch
 
 from .backends import ALL_DTYPES, Backend
+from .dtypes import accumulate_dtype
 from .masks import BOTTOM_RIGHT, CAUSAL, NONE, TOP_LEFT
 
 aten = torch.ops.aten
@@ -29,16 +35,11 @@ BOTTOM_RIGHT_KINDS = (NONE, CAUSAL, BOTTOM_RIGHT)  # flash-attn's causal
 HALF = (torch.bfloat16, torch.float16)
 
 
-def _expand(kv: torch.Tensor, groups: int) -> torch.Tensor:
-    return kv if groups == 1 else kv.repeat_interleave(groups, dim=2)
-
-
-def _fold(dkv: torch.Tensor, groups: int) -> torch.Tensor:
-    """Sum the gradients of expanded K/V heads back onto their shared head."""
-    if groups == 1:
-        return dkv
-    b, s, h, d = dkv.shape
-    return dkv.reshape(b, s, h // groups, groups, d).sum(3)
+def _group_offsets(q: torch.Tensor, k: torch.Tensor):
+    """For a GQA block on an op without GQA: the query-head slices r::g, each with as many
+    heads as K/V (head i of the slice belongs to K/V head i: repeat_interleave order)."""
+    g = q.shape[2] // k.shape[2]
+    return [slice(r, None, g) for r in range(g)]
 
 
 def fused_backend(name, device_type, dtypes, kinds, fwd_op, bwd_op, *, bshd=False,
@@ -49,22 +50,42 @@ def fused_backend(name, device_type, dtypes, kinds, fwd_op, bwd_op, *, bshd=Fals
     def layout(t):
         return t if bshd else t.transpose(1, 2)
 
-    def groups(q, k):
-        return 1 if native_gqa else q.shape[2] // k.shape[2]
-
-    def forward(q, k, v, scale, mask):
-        g = groups(q, k)
-        out, lse = fwd_op(layout(q), layout(_expand(k, g)), layout(_expand(v, g)),
-                          mask["kind"].kind != NONE, scale)
+    def call_forward(q, k, v, causal, scale):
+        out, lse = fwd_op(layout(q), layout(k), layout(v), causal, scale)
         b, sq, hq, _ = q.shape
         return layout(out), lse[..., :sq].reshape(b, hq, sq)
 
+    def forward(q, k, v, scale, mask):
+        causal = mask["kind"].kind != NONE
+        if native_gqa or q.shape[2] == k.shape[2]:
+            return call_forward(q, k, v, causal, scale)
+        out, lse = torch.empty_like(q), None
+        for heads in _group_offsets(q, k):  # contiguous slices: the layout the op is tested on
+            out[:, :, heads], lse_r = call_forward(q[:, :, heads].contiguous(), k, v, causal, scale)
+            if lse is None:
+                lse = lse_r.new_empty(q.shape[0], q.shape[2], q.shape[1])
+            lse[:, heads] = lse_r
+        return out, lse
+
+    def call_backward(dout, q, k, v, out, lse, causal, scale):
+        dq, dk, dv = bwd_op(layout(dout), layout(q), layout(k), layout(v), layout(out),
+                            lse.float() if lse.dtype != q.dtype else lse, causal, scale)
+        return layout(dq), layout(dk), layout(dv)
+
     def backward(dout, q, k, v, out, lse, delta, scale, mask):
-        g = groups(q, k)
-        dq, dk, dv = bwd_op(layout(dout), layout(q), layout(_expand(k, g)), layout(_expand(v, g)),
-                            layout(out), lse.float() if lse.dtype != q.dtype else lse,
-                            mask["kind"].kind != NONE, scale)
-        return layout(dq), _fold(layout(dk), g), _fold(layout(dv), g)
+        causal = mask["kind"].kind != NONE
+        if native_gqa or q.shape[2] == k.shape[2]:
+            return call_backward(dout, q, k, v, out, lse, causal, scale)
+        # dK/dV summed over the group in float32, as one sum over expanded heads would be.
+        dq = torch.empty_like(q)
+        dk, dv = (torch.zeros(t.shape, dtype=accumulate_dtype(t.dtype), device=t.device) for t in (k, v))
+        for heads in _group_offsets(q, k):
+            dq[:, :, heads], dk_r, dv_r = call_backward(
+                dout[:, :, heads].contiguous(), q[:, :, heads].contiguous(), k, v,
+                out[:, :, heads].contiguous(), lse[:, heads].contiguous(), causal, scale)
+            dk += dk_r
+            dv += dv_r
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
 
     return Backend(name, device_type, dtypes, kinds, forward, backward, head_dims=head_dims,
                    native_gqa=native_gqa, takes_delta=False, available=available, source=source)

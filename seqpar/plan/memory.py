@@ -231,7 +231,7 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
                    tile_work=tile * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h))
         if run.attention in ("ring", "hybrid"):
             out["attention_grads"] += t * _ring_accumulators(shape, run, b)
-        out["attention_grads"] += t * _gqa_expansion(shape, run, b)
+        out["attention_grads"] += t * _gqa_calls(shape, run, b)
         return out
     # Gradients in flight in one layer's backward: float32 in the norms, two of the
     # intermediate width in the MLP's (act * up) backward. With the tiled MLP, per tile,
@@ -254,15 +254,20 @@ def _ring_accumulators(shape: ModelShape, run: RunShape, b: int) -> int:
     return max(b, 4) * shape.heads * shape.head_dim if exchanging else 0
 
 
-def _gqa_expansion(shape: ModelShape, run: RunShape, b: int) -> int:
-    """Bytes per token of K/V expanded to the query heads, and their gradients, inside
-    attention's backward: seqpar's glue expands them for PyTorch's fused CUDA ops (cuDNN,
-    flash, efficient: declared without native GQA in `seqpar/ops/library_kernels.py`);
-    the CPU flash op and flash-attn take grouped heads. Measured on an H200: the tiled
-    layer's per-token slope (110.8 KiB per token measured, 108 predicted, 1B shape)."""
+def _gqa_calls(shape: ModelShape, run: RunShape, b: int) -> int:
+    """Bytes per token that GQA costs inside attention's backward on PyTorch's fused CUDA
+    ops (cuDNN, flash, efficient: declared without native GQA in
+    `seqpar/ops/library_kernels.py`; the CPU flash op and flash-attn take grouped heads).
+    The glue calls the op once per offset in a query-head group, on the unexpanded K/V:
+    during a call, contiguous copies of that 1/g of q, out and dout and the op's dq for
+    them (4 x b x kv, as q/g = kv) and dK/dV summed in float32 (the call's own dK/dV
+    stand in for the model-dtype ones the kernels' term counts, made after the last
+    call). (Before, K/V expanded to the query heads and their gradients: 4 x b x q,
+    measured on an H200 as the tiled layer's per-token slope, 110.8 KiB per token
+    measured, 108 predicted, 1B shape.)"""
     if run.device != "cuda" or shape.kv_heads == shape.heads:
         return 0
-    return 4 * b * shape.heads * shape.head_dim
+    return (4 * b + 2 * 4) * shape.kv_heads * shape.head_dim
 
 
 def _layer_backward(acts: dict, comm: int) -> dict:
