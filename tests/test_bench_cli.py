@@ -56,6 +56,23 @@ def test_bench_attention_tiny_run(tmp_path, capsys):
         assert row["mem_ratio_vs_single"] is None or row["mem_ratio_vs_single"] >= 0
 
 
+def test_bench_attention_ring_in_passes_side_by_side(tmp_path, capsys):
+    """One row per --kv-heads-per-pass; each pass goes around the ring again (more messages,
+    the same bytes), and the counted traffic equals the theory for that pass count."""
+    path = tmp_path / "bench.json"
+    rc = main(["bench", "attention", "--world-size", "2", "--seq-len", "64", "--heads", "4", "--kv-heads", "2",
+               "--head-dim", "16", "--iters", "1", "--warmup", "0", "--no-baseline",
+               "--kv-heads-per-pass", "2,1", "--json", str(path)])
+    assert rc == 0
+    assert "| ring (1 kv heads/pass) |" in capsys.readouterr().out
+    one, two = json.loads(path.read_text())["rows"]
+    assert (one["kv_heads_per_pass"], two["kv_heads_per_pass"]) == (2, 1)
+    for row in (one, two):
+        assert all(c[d] == row["theoretical"][d] for c in row["comm_by_rank"] for d in ("fwd", "bwd"))
+    assert two["theoretical"]["bwd"]["calls"]["p2p"] == 2 * one["theoretical"]["bwd"]["calls"]["p2p"]
+    assert two["bytes_sent_per_rank"] == one["bytes_sent_per_rank"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--algo", "ring", "--world-size", "2", "--seq-len", "63"],
      "--seq-len 63 is not divisible by 2 x --world-size = 4, which --layout zigzag needs"),
@@ -64,6 +81,8 @@ def test_bench_attention_tiny_run(tmp_path, capsys):
     (["--algo", "ring,hybrid", "--world-size", "6", "--seq-len", "48", "--ulysses-size", "4"],
      "--world-size 6 is not divisible by --ulysses-size 4"),
     (["--algo", "ring,star", "--world-size", "2", "--seq-len", "64"], "unknown --algo 'star'"),
+    (["--world-size", "2", "--seq-len", "64", "--kv-heads", "4", "--kv-heads-per-pass", "0,3"],
+     "--kv-heads-per-pass 3 must divide --kv-heads 4"),
 ])
 def test_bad_arguments_fail_before_spawning(monkeypatch, capsys, args, message):
     def no_spawn(*a, **k):

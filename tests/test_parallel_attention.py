@@ -42,11 +42,13 @@ class Case:
     ulysses_size: int = 1
     batch: int = 2
     chunks_per_rank: int = 3  # sequence = 2 * W * chunks_per_rank tokens
+    kv_heads_per_pass: int | None = None  # ring: None = as the shard's size decides (one pass here)
 
     def __str__(self):
         u = f" U={self.ulysses_size}" if self.algo == "hybrid" else ""
+        passes = f" kv/pass={self.kv_heads_per_pass}" if self.kv_heads_per_pass else ""
         return (f"{self.algo}{u} {self.layout} causal={self.causal} heads={self.q_heads}/{self.kv_heads} "
-                f"d={self.head_dim} {str(self.dtype)[6:]} docs={self.docs}")
+                f"d={self.head_dim} {str(self.dtype)[6:]} docs={self.docs}{passes}")
 
 
 def doc_ids_for(batch: int, seq_len: int) -> torch.Tensor:
@@ -73,6 +75,9 @@ def cases_for(world: int) -> list[Case]:
             algos, (False, True), (torch.float32, torch.bfloat16), (False, True)):
         ratio, head_dim = next(rotation)
         cases.append(Case(algo, layout, causal, q_heads, q_heads // ratio, head_dim, dtype, docs, u))
+    # The ring in passes over K/V heads: one head per pass, and two of four.
+    cases += [Case("ring", "zigzag", True, q_heads, 4, 64, torch.float32, True, kv_heads_per_pass=1),
+              Case("ring", "stripe", False, q_heads, 4, 80, torch.bfloat16, False, kv_heads_per_pass=2)]
     return cases
 
 
@@ -113,7 +118,7 @@ def run_case(case: Case, mesh, device) -> list[str]:
     kw = dict(causal=case.causal, layout=case.layout, doc_ids=local_docs)
     with count_comm() as fwd_comm:
         if case.algo == "ring":
-            out = ring_attention(*local, group, **kw)
+            out = ring_attention(*local, group, kv_heads_per_pass=case.kv_heads_per_pass, **kw)
         elif case.algo == "ulysses":
             out = ulysses_attention(*local, group, **kw)
         else:
@@ -135,7 +140,8 @@ def run_case(case: Case, mesh, device) -> list[str]:
     want_fwd, want_bwd = expected_comm(
         case.algo, seq_len=seq_len, batch=case.batch, q_heads=case.q_heads, kv_heads=case.kv_heads,
         head_dim=case.head_dim, elem_bytes=torch.empty((), dtype=case.dtype).element_size(),
-        sp_size=world, ulysses_size=case.ulysses_size, docs=case.docs)
+        sp_size=world, ulysses_size=case.ulysses_size, docs=case.docs,
+        kv_heads_per_pass=case.kv_heads_per_pass)
     for phase, got, want in (("forward", fwd_comm, want_fwd), ("backward", bwd_comm, want_bwd)):
         if dict(got.calls) != want.calls or dict(got.bytes_sent) != want.bytes_sent:
             failures.append(f"{case}: {phase} communication {dict(got.calls)} {dict(got.bytes_sent)} "

@@ -271,7 +271,12 @@ def test_tiled_layer_counts_ring_accumulators_and_gqa_calls():
     one = RunShape(seq_len=1 << 16, world=1, sp_size=1, zero=3, gradient_checkpointing=True, tiled_layer=8192,
                    device="cpu")
     assert estimate(shape, one).detail["act_attention_grads"] == (1 << 16) * 2 * (q + 2 * kv)
+    short = replace(one, seq_len=1 << 16, world=8, sp_size=8, tiled_layer=1024)  # 8K tokens a rank: one pass
+    assert estimate(shape, short).detail["act_attention_grads"] == (1 << 13) * (2 * (q + 2 * kv) + 4 * q)
+    # 64K tokens a rank: 4 passes of 2 K/V heads (a pass's float32 dq: 256 MiB), each with
+    # its own accumulators and contiguous copies of its heads.
     ring = replace(one, seq_len=1 << 19, world=8, sp_size=8)
-    assert estimate(shape, ring).detail["act_attention_grads"] == (1 << 16) * (2 * (q + 2 * kv) + 4 * q)
+    assert estimate(shape, ring).detail["act_attention_grads"] == (1 << 16) * (
+        2 * (q + 2 * kv) + 4 * q // 4 + 2 * (4 * q + 4 * kv) // 4)
     gpu = replace(one, device="cuda")
     assert estimate(shape, gpu).detail["act_attention_grads"] == (1 << 16) * (2 * (q + 2 * kv) + 4 * 2 * kv + 8 * kv)

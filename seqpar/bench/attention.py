@@ -84,6 +84,7 @@ class BenchConfig:
     seed: int = 0
     timeout: float = 3600.0  # seconds, per spawned run
     kernels: tuple = ("auto",)  # local attention kernel orders to compare, side by side
+    kv_heads_per_pass: tuple = (0,)  # ring: K/V heads per ring pass to compare; 0 = ring_attention's choice
 
 
 def parse_algos(text) -> tuple:
@@ -132,6 +133,10 @@ def validate(cfg: BenchConfig) -> None:
     parse_algos(cfg.algos)
     for kernel in cfg.kernels:
         check_kernel_name(kernel, "--kernel")
+    for per_pass in cfg.kv_heads_per_pass:
+        if per_pass < 0 or (per_pass and cfg.kv_heads % per_pass):
+            raise SeqparError(f"--kv-heads-per-pass {per_pass} must divide --kv-heads {cfg.kv_heads} "
+                              f"(or be 0: ring attention's own choice).")
     for flag, value, low in (("--world-size", cfg.world_size, 1), ("--seq-len", cfg.seq_len, 1),
                              ("--batch", cfg.batch, 1), ("--heads", cfg.heads, 1),
                              ("--kv-heads", cfg.kv_heads, 1), ("--head-dim", cfg.head_dim, 1),
@@ -280,14 +285,15 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------- ranks
 
-def _attention_step(algo: str, cfg, world: int):
+def _attention_step(algo: str, cfg, world: int, per_pass: int = 0):
     """(mesh or None, forward function of (q, k, v)) for one algorithm."""
     causal, layout = cfg.causal, cfg.layout
     if algo == SINGLE:
         return None, lambda q, k, v: attention(q, k, v, causal=causal)[0]
     mesh = init_mesh(world, ulysses_size_for(algo, cfg))
     if algo == "ring":
-        return mesh, lambda q, k, v: ring_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout)
+        return mesh, lambda q, k, v: ring_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout,
+                                                    kv_heads_per_pass=per_pass or None)
     if algo == "ulysses":
         return mesh, lambda q, k, v: ulysses_attention(q, k, v, mesh.sp_group, causal=causal, layout=layout)
     return mesh, lambda q, k, v: hybrid_attention(q, k, v, mesh, causal=causal, layout=layout)
@@ -320,7 +326,7 @@ def _timed_passes(step_fwd, tensors, cfg, sync):
     return times, comm
 
 
-def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
+def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto", per_pass: int = 0) -> dict:
     """One rank of one run (spawned by run_distributed; module-level so spawn can pickle it)."""
     cfg = BenchConfig(**cfg_dict)
     set_attention_kernel(kernel)
@@ -330,7 +336,7 @@ def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
     dtype = getattr(torch, cfg.dtype)
     layout = cfg.layout
 
-    mesh, step_fwd = _attention_step(algo, cfg, world)
+    mesh, step_fwd = _attention_step(algo, cfg, world, per_pass)
 
     def sync():
         if device.type == "cuda":
@@ -371,24 +377,24 @@ def _rank_work(cfg_dict: dict, algo: str, kernel: str = "auto") -> dict:
 
 # ----------------------------------------------------------------------------- runs
 
-def _theory(algo: str, cfg: BenchConfig) -> dict:
+def _theory(algo: str, cfg: BenchConfig, per_pass: int = 0) -> dict:
     if algo == SINGLE:
         return {"fwd": {"calls": {}, "bytes_sent": {}}, "bwd": {"calls": {}, "bytes_sent": {}},
                 "total_bytes": 0}
     fwd, bwd = expected_comm(
         algo, seq_len=cfg.seq_len, batch=cfg.batch, q_heads=cfg.heads, kv_heads=cfg.kv_heads,
         head_dim=cfg.head_dim, elem_bytes=2 if cfg.dtype == "bfloat16" else 4,
-        sp_size=cfg.world_size, ulysses_size=ulysses_size_for(algo, cfg))
+        sp_size=cfg.world_size, ulysses_size=ulysses_size_for(algo, cfg), kv_heads_per_pass=per_pass or None)
     return {"fwd": {"calls": dict(fwd.calls), "bytes_sent": dict(fwd.bytes_sent)},
             "bwd": {"calls": dict(bwd.calls), "bytes_sent": dict(bwd.bytes_sent)},
             "total_bytes": fwd.total_bytes + bwd.total_bytes}
 
 
-def algo_label(algo: str, cfg: BenchConfig) -> str:
+def algo_label(algo: str, cfg: BenchConfig, per_pass: int = 0) -> str:
     if algo == "hybrid":
         u = cfg.ulysses_size
         return f"hybrid U{u}xR{cfg.world_size // u}"
-    return algo
+    return f"{algo} ({per_pass} kv heads/pass)" if per_pass else algo
 
 
 def served_text(served: dict) -> str:
@@ -396,15 +402,16 @@ def served_text(served: dict) -> str:
     return "; ".join(f"{kind}: {'/'.join(names)}" for kind, names in served.items()) or "-"
 
 
-def _summarize(algo: str, cfg: BenchConfig, ranks: list, wall_s: float) -> dict:
+def _summarize(algo: str, cfg: BenchConfig, ranks: list, wall_s: float, per_pass: int = 0) -> dict:
     world = 1 if algo == SINGLE else cfg.world_size
     sent = [sum(r["comm"]["fwd"]["bytes_sent"].values()) + sum(r["comm"]["bwd"]["bytes_sent"].values())
             for r in ranks]
-    theory = _theory(algo, cfg)
+    theory = _theory(algo, cfg, per_pass)
     peaks = [r["memory"]["peak_extra_bytes"] for r in ranks]
     u = ulysses_size_for(algo, cfg)
     return {
-        "algo": algo, "label": algo_label(algo, cfg) if algo != SINGLE else "single (W=1)",
+        "algo": algo, "label": algo_label(algo, cfg, per_pass) if algo != SINGLE else "single (W=1)",
+        "kv_heads_per_pass": per_pass or None,
         "world_size": world, "ulysses_size": u, "ring_size": world // u,
         "layout": cfg.layout if algo != SINGLE else None, "seq_len": cfg.seq_len,
         "local_seq_len": ranks[0]["local_shape"][1],
@@ -443,17 +450,17 @@ def run(cfg: BenchConfig, log=_log) -> dict:
     backend = "nccl" if cfg.device == "cuda" else "gloo"
     started = datetime.datetime.now().astimezone()
     rows = []
-    jobs = [(algo, kernel) for algo in ([SINGLE] if cfg.baseline else []) + list(cfg.algos)
-            for kernel in cfg.kernels]
-    for algo, kernel in jobs:
+    jobs = [(algo, kernel, per_pass) for algo in ([SINGLE] if cfg.baseline else []) + list(cfg.algos)
+            for kernel in cfg.kernels for per_pass in (cfg.kv_heads_per_pass if algo == "ring" else (0,))]
+    for algo, kernel, per_pass in jobs:
         world = 1 if algo == SINGLE else cfg.world_size
-        name = (f"{algo_label(algo, cfg) if algo != SINGLE else SINGLE} W={world} S={cfg.seq_len} "
+        name = (f"{algo_label(algo, cfg, per_pass) if algo != SINGLE else SINGLE} W={world} S={cfg.seq_len} "
                 f"kernel={kernel}")
         log(f"[bench] {name}: running...")
         t0 = time.monotonic()
-        ranks = run_distributed(_rank_work, world, asdict(cfg), algo, kernel, timeout=cfg.timeout,
+        ranks = run_distributed(_rank_work, world, asdict(cfg), algo, kernel, per_pass, timeout=cfg.timeout,
                                 backend=backend)
-        row = {**_summarize(algo, cfg, ranks, time.monotonic() - t0), "kernel": kernel}
+        row = {**_summarize(algo, cfg, ranks, time.monotonic() - t0, per_pass), "kernel": kernel}
         log(f"[bench] {name}: {row['time_s']:.4f} s per fwd+bwd (run took {row['wall_s']:.1f} s)")
         rows.append(row)
     _add_ratios(rows, cfg.kernels[0])
@@ -461,17 +468,20 @@ def run(cfg: BenchConfig, log=_log) -> dict:
         "attention_backend": rows[0]["attention_backend"] if rows else "-",
         "torch_version": torch.__version__, "device": _device_text(cfg),
         "date": started.isoformat(timespec="seconds"),
-        "config": {**asdict(cfg), "algos": list(cfg.algos), "kernels": list(cfg.kernels)},
+        "config": {**asdict(cfg), "algos": list(cfg.algos), "kernels": list(cfg.kernels),
+                   "kv_heads_per_pass": list(cfg.kv_heads_per_pass)},
         "rows": rows,
     }
 
 
 def _add_ratios(rows: list, first_kernel: str) -> None:
     """Time and memory vs the W=1 run of the same kernel; time vs the first kernel's row."""
-    def find(algo, kernel):
-        return next((r for r in rows if r["algo"] == algo and r["kernel"] == kernel), None)
+    def find(algo, kernel, per_pass=None):
+        return next((r for r in rows if r["algo"] == algo and r["kernel"] == kernel
+                     and r["kv_heads_per_pass"] == per_pass), None)
     for row in rows:
-        single, first = find(SINGLE, row["kernel"]), find(row["algo"], first_kernel)
+        single = find(SINGLE, row["kernel"])
+        first = find(row["algo"], first_kernel, row["kv_heads_per_pass"])
         row["time_ratio_vs_single"] = row["time_s"] / single["time_s"] if single else None
         row["mem_ratio_vs_single"] = (row["peak_mem_bytes_per_rank"] / single["peak_mem_bytes_per_rank"]
                                       if single and single["peak_mem_bytes_per_rank"] else None)
@@ -564,8 +574,18 @@ def add_parser(benches) -> None:
     p.add_argument("--kernel", default="auto",
                    help="local attention kernel order(s) to compare side by side, comma-separated: "
                         "auto, flash, cudnn, efficient, flash-attn, seqpar, torch (default: auto)")
+    p.add_argument("--kv-heads-per-pass", default="0",
+                   help="ring: K/V heads per pass around the ring, comma-separated to compare side by "
+                        "side; 0 = ring attention's own choice (default)")
     p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     p.set_defaults(func=_run_command)
+
+
+def _int_list(text: str, flag: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SeqparError(f"{flag} takes whole numbers, comma-separated (e.g. 0,1), not {text!r}.") from None
 
 
 def _run_command(args) -> int:
@@ -575,7 +595,8 @@ def _run_command(args) -> int:
         heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
         layout=args.layout, causal=args.causal, iters=args.iters, warmup=args.warmup,
         baseline=args.baseline, device=args.device, seed=args.seed, timeout=args.timeout,
-        kernels=tuple(k.strip() for k in args.kernel.split(",") if k.strip()))
+        kernels=tuple(k.strip() for k in args.kernel.split(",") if k.strip()),
+        kv_heads_per_pass=_int_list(args.kv_heads_per_pass, "--kv-heads-per-pass"))
     try:
         main(cfg, json_path=args.json)
     except DistributedRunError as e:

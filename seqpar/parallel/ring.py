@@ -15,6 +15,11 @@ travels with the K/V block it belongs to, each rank adds its contribution, and o
 hop brings it home. No rank ever holds more than one remote K/V block. Both passes use
 the same `RingExchange` (comm.py) through `_ring_steps`.
 
+Long shards go around the ring in passes over groups of K/V heads (with the query
+heads that share them): heads never interact, and each pass holds float32 accumulators
+and ring buffers for its heads only, so a rank's extra memory is 1/passes of one pass
+over all heads (`volume.auto_kv_heads_per_pass`: a pass's float32 dq at most 256 MiB).
+
 What travels always has one shape and dtype on every rank (K and V stacked in the input
 dtype; dK/dV stacked in float32), even when a rank skipped its block: gloo pairs
 messages blindly. Every rank issues the same exchanges in the same order.
@@ -63,12 +68,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import SeqparError
 from ..ops import attention, attention_backward, attention_delta, attention_forward
 from ..ops.dtypes import accumulate_dtype
 from ..ops.masks import classify_mask
 from .comm import TAG_DKV, TAG_KV, RingExchange
 from .kernels import agree_on_kernels
 from .layout import Chunk, check_shard_inputs, doc_ids_by_rank, shard_chunks
+from .volume import auto_kv_heads_per_pass
 
 FULL, CAUSAL = "full", "causal"  # BlockCall.mask: every query sees every key / mask by positions
 
@@ -216,51 +223,83 @@ def _merge(out_acc, lse_acc, out_blk, lse_blk) -> None:
     lse_acc.copy_(new_max + torch.log(total))  # -inf where neither saw a key
 
 
+def _passes(q, k, kv_per_pass: int):
+    """(query heads, K/V heads) of each pass: K/V heads in runs of `kv_per_pass`, with the
+    query heads that share them (consecutive: GQA's repeat_interleave order)."""
+    g = q.shape[2] // k.shape[2]
+    return [(slice(i * g, (i + kv_per_pass) * g), slice(i, i + kv_per_pass))
+            for i in range(0, k.shape[2], kv_per_pass)]
+
+
+def _heads(t: torch.Tensor, heads: slice) -> torch.Tensor:
+    """Some heads of a bshd tensor, contiguous (all of them: the tensor itself), so the
+    kernels see the layout they are self-tested on."""
+    return t[:, :, heads].contiguous()
+
+
+def _forward_pass(q, k, v, kernels, group):
+    """(out, lse) of these heads: the ring once around, blocks merged in float32."""
+    acc = accumulate_dtype(q.dtype)
+    out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse_acc = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+    for src, kv in _ring_steps(torch.stack([k, v]), group):
+        for call in kernels[src]:
+            out_blk, lse_blk = attention_forward(q[:, call.q], kv[0][:, call.k], kv[1][:, call.k], **call.mask)
+            _merge(out_acc[:, call.q], lse_acc[:, :, call.q], out_blk, lse_blk)
+    return out_acc.to(q.dtype), lse_acc
+
+
+def _backward_pass(dout, q, k, v, out, lse, delta, kernels, group):
+    """(dq, dk, dv) of these heads: the ring once around again, dq summed here in float32,
+    a float32 dK/dV buffer travelling with its K/V block and coming home at the end."""
+    acc = accumulate_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dkv_ring = RingExchange(group, TAG_DKV)
+    for step, (src, kv) in enumerate(_ring_steps(torch.stack([k, v]), group)):
+        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        for call in kernels[src]:
+            qr, kr = call.q, call.k
+            attention_backward(dout[:, qr], q[:, qr], kv[0][:, kr], kv[1][:, kr], out[:, qr], lse[:, :, qr],
+                               delta=delta[:, :, qr], into=(dq[:, qr], dkv[0][:, kr], dkv[1][:, kr]),
+                               **call.mask)
+        # The dK/dV buffer of block `src` arrived from rank r-1 while we computed; add
+        # ours and pass it on. After the last step it lands on its owner.
+        if step > 0:
+            dkv += dkv_ring.finish()
+        dkv_ring.start(dkv)
+    dkv = dkv_ring.finish()
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, softmax_scale, doc_ids):
+    def forward(ctx, q, k, v, group, causal, layout, softmax_scale, doc_ids, kv_per_pass):
         kernels = _plan_kernels(q, group, causal, layout, softmax_scale, doc_ids)
-        acc = accumulate_dtype(q.dtype)
-        out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
-        lse_acc = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
-        for src, kv in _ring_steps(torch.stack([k, v]), group):
-            for call in kernels[src]:
-                out_blk, lse_blk = attention_forward(q[:, call.q], kv[0][:, call.k], kv[1][:, call.k],
-                                                     **call.mask)
-                _merge(out_acc[:, call.q], lse_acc[:, :, call.q], out_blk, lse_blk)
-        out = out_acc.to(q.dtype)
-        lse = lse_acc.float() if q.dtype != torch.float64 else lse_acc
+        passes = _passes(q, k, kv_per_pass)
+        out = torch.empty_like(q)
+        lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=accumulate_dtype(q.dtype), device=q.device)
+        for qh, kh in passes:
+            out[:, :, qh], lse[:, qh] = _forward_pass(_heads(q, qh), _heads(k, kh), _heads(v, kh), kernels, group)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.kernels = group, kernels
+        ctx.group, ctx.kernels, ctx.passes = group, kernels, passes
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        acc = accumulate_dtype(q.dtype)
         delta = attention_delta(dout, out)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dkv_ring = RingExchange(ctx.group, TAG_DKV)
-        for step, (src, kv) in enumerate(_ring_steps(torch.stack([k, v]), ctx.group)):
-            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
-            for call in ctx.kernels[src]:
-                qr, kr = call.q, call.k
-                attention_backward(dout[:, qr], q[:, qr], kv[0][:, kr], kv[1][:, kr], out[:, qr], lse[:, :, qr],
-                                   delta=delta[:, :, qr], into=(dq[:, qr], dkv[0][:, kr], dkv[1][:, kr]),
-                                   **call.mask)
-            # The dK/dV buffer of block `src` arrived from rank r-1 while we computed; add
-            # ours and pass it on. After the last step it lands on its owner.
-            if step > 0:
-                dkv += dkv_ring.finish()
-            dkv_ring.start(dkv)
-        dkv = dkv_ring.finish()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for qh, kh in ctx.passes:
+            dq[:, :, qh], dk[:, :, kh], dv[:, :, kh] = _backward_pass(
+                _heads(dout, qh), _heads(q, qh), _heads(k, kh), _heads(v, kh), _heads(out, qh), lse[:, qh],
+                delta[:, qh], ctx.kernels, ctx.group)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "zigzag",
                    softmax_scale: float | None = None, doc_ids: torch.Tensor | None = None,
-                   return_lse: bool = False):
+                   return_lse: bool = False, kv_heads_per_pass: int | None = None):
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
     q [b, s_local, hq, d], k/v [b, s_local, hk, d]: this rank's shard of the sequence
@@ -268,6 +307,9 @@ def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "z
     [b, s_local], this rank's shard) restricts attention to tokens of the same packed
     document. Returns this rank's output shard (and lse [b, hq, s_local] if asked);
     forward and backward equal single-device attention on the unsharded tensors.
+    The ring goes around once per group of `kv_heads_per_pass` K/V heads (default: as
+    many as keep a pass's float32 dq under `volume.RING_PASS_BYTES`), so its float32
+    accumulators and buffers hold only that group's heads.
     """
     world = dist.get_world_size(group)
     check_shard_inputs(q, k, v, world, layout, doc_ids)
@@ -278,5 +320,9 @@ def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "z
         out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, doc_ids=doc_ids)
         return (out, lse) if return_lse else out
     agree_on_kernels(q, group)
-    out, lse = _RingAttention.apply(q, k, v, group, causal, layout, softmax_scale, doc_ids)
+    b, s_local, hq, d = q.shape
+    per_pass = kv_heads_per_pass or auto_kv_heads_per_pass(b, s_local, hq, k.shape[2], d)
+    if k.shape[2] % per_pass:
+        raise SeqparError(f"kv_heads_per_pass={per_pass} must divide the {k.shape[2]} K/V heads.")
+    out, lse = _RingAttention.apply(q, k, v, group, causal, layout, softmax_scale, doc_ids, per_pass)
     return (out, lse) if return_lse else out

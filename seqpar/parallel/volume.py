@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Ring attention runs over K/V heads in passes so that one pass's float32 dq accumulator
+# stays under this (each pass holds its own accumulators and ring buffers, 1/passes of
+# all heads'); shorter shards make one pass. 256 MiB keeps every message tens of MiB.
+RING_PASS_BYTES = 256 << 20
+
 
 @dataclass(frozen=True)
 class CommVolume:
@@ -23,13 +28,22 @@ class CommVolume:
         return sum(self.bytes_sent.values())
 
 
-def _ring(world, b, s_local, hk, d, elem, grad_elem):
+def auto_kv_heads_per_pass(batch: int, s_local: int, q_heads: int, kv_heads: int, head_dim: int,
+                      limit: int = RING_PASS_BYTES) -> int:
+    """K/V heads one ring pass covers: the most (a divisor of kv_heads, at least one)
+    whose query heads' float32 dq fits in `limit` bytes."""
+    per_kv_head = 4 * batch * s_local * (q_heads // kv_heads) * head_dim
+    fitting = [c for c in range(1, kv_heads + 1) if kv_heads % c == 0 and c * per_kv_head <= limit]
+    return max(fitting, default=1)
+
+
+def _ring(world, b, s_local, hk, d, elem, grad_elem, passes=1):
     kv = 2 * b * s_local * hk * d * elem
     dkv = 2 * b * s_local * hk * d * grad_elem
     if world == 1:
         return CommVolume({}, {}), CommVolume({}, {})
-    fwd = CommVolume({"p2p": world - 1}, {"p2p": (world - 1) * kv})
-    bwd = CommVolume({"p2p": (world - 1) + world}, {"p2p": (world - 1) * kv + world * dkv})
+    fwd = CommVolume({"p2p": passes * (world - 1)}, {"p2p": (world - 1) * kv})
+    bwd = CommVolume({"p2p": passes * ((world - 1) + world)}, {"p2p": (world - 1) * kv + world * dkv})
     return fwd, bwd
 
 
@@ -48,8 +62,10 @@ def _doc_gather(world, b, s_local):
 
 def expected_comm(algo: str, *, seq_len: int, batch: int, q_heads: int, kv_heads: int,
                   head_dim: int, elem_bytes: int, sp_size: int, ulysses_size: int = 1,
-                  docs: bool = False) -> tuple[CommVolume, CommVolume]:
-    """(forward, backward) traffic of one attention call on one rank."""
+                  docs: bool = False, kv_heads_per_pass: int | None = None) -> tuple[CommVolume, CommVolume]:
+    """(forward, backward) traffic of one attention call on one rank. The ring goes
+    around once per group of `kv_heads_per_pass` K/V heads (None: as `ring_attention`
+    decides): the same bytes in more messages."""
     grad_elem = 8 if elem_bytes == 8 else 4
     if algo == "ring":
         ulysses_size = 1
@@ -59,8 +75,11 @@ def expected_comm(algo: str, *, seq_len: int, batch: int, q_heads: int, kv_heads
     s_local = seq_len // sp_size
     fwd_u, bwd_u = _ulysses(ulysses_size, batch, s_local, q_heads, kv_heads, head_dim, elem_bytes)
     copies = 1 if kv_heads % ulysses_size == 0 else ulysses_size // kv_heads
-    fwd_r, bwd_r = _ring(ring_size, batch, s_local * ulysses_size, kv_heads * copies // ulysses_size,
-                         head_dim, elem_bytes, grad_elem)
+    ring_kv_heads = kv_heads * copies // ulysses_size
+    per_pass = kv_heads_per_pass or auto_kv_heads_per_pass(
+        batch, s_local * ulysses_size, q_heads // ulysses_size, ring_kv_heads, head_dim)
+    fwd_r, bwd_r = _ring(ring_size, batch, s_local * ulysses_size, ring_kv_heads,
+                         head_dim, elem_bytes, grad_elem, ring_kv_heads // per_pass)
     fwd = _add(fwd_u, fwd_r)
     if docs:  # document ids are gathered once per forward in each group that needs them
         if ulysses_size > 1:

@@ -26,7 +26,8 @@ Psi = parameter count; N = ZeRO partitions = all ranks; t = tokens on this rank)
   logits, one layer's backward (with checkpointing: its recomputed activations), the
   tiled MLP's tile, the optimizer step's temporary, DeepSpeed's flattening at start-up.
 - comm buffers: the K/V blocks in flight in ring attention (and the float32 dK/dV),
-  Ulysses' all-to-all buffers.
+  Ulysses' all-to-all buffers. Long shards run the ring in passes over groups of K/V
+  heads, which divides its buffers and accumulators by the number of passes.
 
 The peak is taken as the largest of three moments (start-up, end of forward/start of
 backward, optimizer step); `bench memory` compares it with measured peaks.
@@ -38,6 +39,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..errors import SeqparError
+from ..parallel.volume import auto_kv_heads_per_pass
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # DeepSpeed defaults when its JSON does not set them (deepspeed/runtime/zero/config.py).
@@ -229,9 +231,12 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         tile = run.tiled_layer
         out.update(tiled_layer=True, grads_full=b * t * (h + q) + 2 * b * shape.layer_params, dy=b * t * h,
                    tile_work=tile * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h))
+        passes = _ring_passes(shape, run, t)
         if run.attention in ("ring", "hybrid"):
-            out["attention_grads"] += t * _ring_accumulators(shape, run, b)
-        out["attention_grads"] += t * _gqa_calls(shape, run, b)
+            out["attention_grads"] += t * _ring_accumulators(shape, run, b) // passes
+        out["attention_grads"] += t * _gqa_calls(shape, run, b) // passes
+        if passes > 1:  # a pass's contiguous q, out, dout, k, v and its dq, dk, dv before they are placed
+            out["attention_grads"] += t * b * (4 * q + 4 * kv) // passes
         return out
     # Gradients in flight in one layer's backward: float32 in the norms, two of the
     # intermediate width in the MLP's (act * up) backward. With the tiled MLP, per tile,
@@ -241,6 +246,19 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         widest = (4 + 2) * shape.intermediate * run.tiled_mlp
     out.update(norm_grads=t * 4 * 2 * h, mlp_grads=b * widest)
     return out
+
+
+def _ring_passes(shape: ModelShape, run: RunShape, t: int) -> int:
+    """Passes ring attention makes over groups of K/V heads on a shard of t tokens
+    (`seqpar.parallel.volume.auto_kv_heads_per_pass`); 1 where no ring exchanges. Each pass
+    holds the float32 accumulators, ring buffers and kernel temporaries of its heads only."""
+    ring = run.sp_size // run.ulysses_size if run.attention == "hybrid" else run.sp_size
+    if run.plain_transformers or run.attention == "ulysses" or ring <= 1:
+        return 1
+    u = run.ulysses_size if run.attention == "hybrid" else 1
+    kv_heads = max(shape.kv_heads // u, 1)  # Ulysses copies K/V heads when it has fewer than U
+    per_pass = auto_kv_heads_per_pass(1, t * u, shape.heads // u, kv_heads, shape.head_dim)
+    return kv_heads // per_pass
 
 
 def _ring_accumulators(shape: ModelShape, run: RunShape, b: int) -> int:
@@ -297,7 +315,7 @@ def _comm(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
         # K/V blocks: the one in use and the one arriving (after Ulysses' all-to-all a
         # rank holds U x t tokens of kv/U heads: the same bytes); backward adds the float32
         # dK/dV travelling with them.
-        total += 2 * 2 * t * kv * b + 2 * 2 * t * kv * 4
+        total += (2 * 2 * t * kv * b + 2 * 2 * t * kv * 4) // _ring_passes(shape, run, t)
     return total
 
 
