@@ -280,3 +280,31 @@ def test_tiled_layer_counts_ring_accumulators_and_gqa_calls():
         2 * (q + 2 * kv) + 4 * q // 4 + 2 * (4 * q + 4 * kv) // 4)
     gpu = replace(one, device="cuda")
     assert estimate(shape, gpu).detail["act_attention_grads"] == (1 << 16) * (2 * (q + 2 * kv) + 4 * 2 * kv + 8 * kv)
+
+
+def test_layer_backward_in_phases():
+    """A layer's backward: the MLP's part first (everything that layer saved, the
+    gradients of its output and of the MLP input, the norm's float32 ones, the MLP's),
+    then attention's, after the MLP's and the post-attention norm's saved tensors are
+    freed. The final norm's and the loss's saved tensors are gone by the last layer's
+    backward. (Measured: README "Memory", bench_layer on CPU ranks and the 1B shape on
+    an H200, all within 10%.)"""
+    shape = ModelShape.from_config(AutoConfig.from_pretrained("configs/models/bench_layer.json"))
+    h, q, kv, b, t = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, 4, 8192
+    run = RunShape(seq_len=2 * t, world=2, sp_size=2, zero=2, dtype="float32", gradient_checkpointing=True,
+                   tiled_mlp=512, device="cpu")
+    est = estimate(shape, run)
+    assert est.peak_moment == "last layer backward"
+    final_norm = (4 + 2 * b) * h
+    assert est.activations == est.detail["act_saved"] - t * final_norm
+    layer = saved_per_layer_token(shape, b, tiled_mlp=True)
+    attention = b * t * (q + 2 * kv) + t * 4 * q + b * t * (h + q) - t * ((4 + 2 * b) * h + 4)  # + ring's fp32 dq
+    assert est.detail["act_attention_phase"] == attention
+    mlp = t * (4 * 2 * h + b * 2 * h) + b * 6 * shape.intermediate * 512  # one MLP tile's
+    assert (est.detail["act_norm_grads"] + est.detail["act_mlp_grads"]) == mlp
+    recompute = t * (layer - b * h)  # float32: the first norm's upcast is the checkpoint
+    comm = t * (2 * 2 * kv * b + 2 * 2 * kv * 4)  # K/V blocks in flight, float32 dK/dV
+    assert est.transient + est.comm_buffers == recompute + max(mlp, attention + comm)
+    plain = estimate(shape, replace(run, gradient_checkpointing=False, tiled_mlp=None))
+    assert plain.detail["act_attention_phase"] < 0  # the MLP's saved tensors outweigh it: the MLP part peaks
+    assert plain.transient == plain.detail["act_norm_grads"] + plain.detail["act_mlp_grads"]

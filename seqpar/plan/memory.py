@@ -199,11 +199,12 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     final_norm = b * h if tiled_layer else (4 + 2 * b) * h  # tiled: only its input is kept
     loss_saved = 4 * v if plain or not run.tiled_loss else 0  # log-softmax output
     saved = t * (shape.layers * per_layer + rope_tables + final_norm + loss_saved + 32)
+    head = t * (final_norm + loss_saved)  # the final norm's and the loss's: freed by their backward
     back_on_device = run.offload_activations and run.device != "cpu"
     if back_on_device:
         # save_on_cpu: what the loss saves stays; a tiled final norm's input comes back one
         # tile at a time (each tile's checkpoint saved its own slice).
-        saved = t * ((0 if tiled_layer else final_norm) + loss_saved)
+        saved = head = t * ((0 if tiled_layer else final_norm) + loss_saved)
     # The largest short-lived working set at the end of forward / during backward.
     if plain or not run.tiled_loss:
         loss = t * v * (b + 4 + (4 if b != 4 else 0))  # logits, fp32 grad, fp32 upcast
@@ -215,11 +216,19 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     # layer recomputes q, k, v, the attention output and its LSE (its input is the
     # checkpoint, already counted in `saved` unless it was offloaded).
     recompute = t * layer if run.gradient_checkpointing or back_on_device else 0
-    if tiled_layer and run.gradient_checkpointing and not back_on_device:
+    if run.gradient_checkpointing and not back_on_device and (tiled_layer or b == 4):
+        # The layer's input is the checkpoint: the tiled layer keeps nothing else of it,
+        # and in float32 the first norm's upcast is that same tensor.
         recompute = t * (layer - b * h)
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    out = {"saved": saved, "loss": loss, "layer": t * layer, "recompute": recompute,
-           "attention_grads": b * t * (q + 2 * kv)}
+    passes = _ring_passes(shape, run, t)
+    attention_grads = b * t * (q + 2 * kv) + t * _gqa_calls(shape, run, b) // passes
+    if run.attention in ("ring", "hybrid"):
+        attention_grads += t * _ring_accumulators(shape, run, b) // passes
+    if passes > 1:  # a pass's contiguous q, out, dout, k, v and its dq, dk, dv before they are placed
+        attention_grads += t * b * (4 * q + 4 * kv) // passes
+    out = {"saved": saved, "saved_in_backward": saved - head, "loss": loss, "layer": t * layer,
+           "recompute": recompute, "attention_grads": attention_grads}
     if tiled_layer:
         # Gradients at full length: dx (accumulating), d_out (gathered from the tiles for
         # attention's backward), and either dy while the last o_proj/MLP tiles run
@@ -231,20 +240,20 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         tile = run.tiled_layer
         out.update(tiled_layer=True, grads_full=b * t * (h + q) + 2 * b * shape.layer_params, dy=b * t * h,
                    tile_work=tile * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h))
-        passes = _ring_passes(shape, run, t)
-        if run.attention in ("ring", "hybrid"):
-            out["attention_grads"] += t * _ring_accumulators(shape, run, b) // passes
-        out["attention_grads"] += t * _gqa_calls(shape, run, b) // passes
-        if passes > 1:  # a pass's contiguous q, out, dout, k, v and its dq, dk, dv before they are placed
-            out["attention_grads"] += t * b * (4 * q + 4 * kv) // passes
         return out
-    # Gradients in flight in one layer's backward: float32 in the norms, two of the
-    # intermediate width in the MLP's (act * up) backward. With the tiled MLP, per tile,
-    # on top of the tile's recomputed gate/up/act/product.
+    # Gradients in flight in one layer's backward. The MLP's part comes first: the
+    # layer output's and the MLP input's gradients, float32 in the norm, two of the
+    # intermediate width in the MLP's (act * up) backward (with the tiled MLP, per tile,
+    # on top of the tile's recomputed gate/up/act/product). Attention's part comes after
+    # the MLP's and the post-attention norm's, whose saved tensors are freed by then: the
+    # residual's gradient and attention output's beside dq/dk/dv. (Measured on CPU ranks,
+    # bench_layer, and on an H200, 1B shape: README "Memory".)
     widest = 2 * shape.intermediate * t
     if tiled:
         widest = (4 + 2) * shape.intermediate * run.tiled_mlp
-    out.update(norm_grads=t * 4 * 2 * h, mlp_grads=b * widest)
+    post_norm_and_mlp = (4 + 2 * b) * h + 4 + (0 if tiled else 4 * shape.intermediate * b)
+    out.update(norm_grads=t * 4 * 2 * h + b * t * 2 * h, mlp_grads=b * widest,
+               attention_phase=attention_grads + b * t * (h + q) - t * post_norm_and_mlp)
     return out
 
 
@@ -295,11 +304,12 @@ def _layer_backward(acts: dict, comm: int) -> dict:
         if attention + comm >= acts["dy"] + acts["tile_work"]:
             return {"transient": attention, "comm_buffers": comm}
         return {"transient": acts["grads_full"] + acts["dy"] + acts["tile_work"]}
-    # Its norms' float32 gradients plus the larger of the attention backward (dq/dk/dv and
-    # the comm buffers, which exist only inside it) and the MLP's.
-    if acts["attention_grads"] + comm >= acts["mlp_grads"]:
-        return {"transient": acts["norm_grads"] + acts["attention_grads"], "comm_buffers": comm}
-    return {"transient": acts["norm_grads"] + acts["mlp_grads"]}
+    # The larger of the MLP's part (its norm's float32 gradients, the MLP's) and
+    # attention's (with the comm buffers, which exist only inside it).
+    mlp = acts["norm_grads"] + acts["mlp_grads"]
+    if acts["attention_phase"] + comm >= mlp:
+        return {"transient": acts["attention_phase"], "comm_buffers": comm}
+    return {"transient": mlp}
 
 
 def _comm(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
@@ -333,9 +343,10 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     moments = {
         # the loss: every activation saved, the loss's logits (or one tile of them)
         "loss": {**always, "activations": acts["saved"], "transient": acts["loss"]},
-        # the last layer's backward: every activation (that layer's recomputed or brought
-        # back), the first gradients
-        "last layer backward": {**layer_back, "activations": acts["saved"], "gradients": states["grads_early"],
+        # the last layer's backward: every activation but the final norm's and the loss's
+        # (their backward ran), that layer's recomputed or brought back, the first gradients
+        "last layer backward": {**layer_back, "activations": acts["saved_in_backward"],
+                                "gradients": states["grads_early"],
                                 "transient": layer_back["transient"] + acts["recompute"]},
         # the first layer's backward: all gradients, that layer's activations
         "first layer backward": {**layer_back, "gradients": states["grads_full"],
