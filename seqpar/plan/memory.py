@@ -220,13 +220,8 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         # The layer's input is the checkpoint: the tiled layer keeps nothing else of it,
         # and in float32 the first norm's upcast is that same tensor.
         recompute = t * (layer - b * h)
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    passes = _ring_passes(shape, run, t)
-    attention_grads = b * t * (q + 2 * kv) + t * _gqa_calls(shape, run, b) // passes
-    if run.attention in ("ring", "hybrid"):
-        attention_grads += t * _ring_accumulators(shape, run, b) // passes
-    if passes > 1:  # a pass's contiguous q, out, dout, k, v and its dq, dk, dv before they are placed
-        attention_grads += t * b * (4 * q + 4 * kv) // passes
+    q = shape.heads * shape.head_dim
+    attention_grads = _attention_grads(shape, run, b, t)
     out = {"saved": saved, "saved_in_backward": saved - head, "loss": loss, "layer": t * layer,
            "recompute": recompute, "attention_grads": attention_grads}
     if tiled_layer:
@@ -248,13 +243,24 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     # the MLP's and the post-attention norm's, whose saved tensors are freed by then: the
     # residual's gradient and attention output's beside dq/dk/dv. (Measured on CPU ranks,
     # bench_layer, and on an H200, 1B shape: README "Memory".)
-    widest = 2 * shape.intermediate * t
-    if tiled:
-        widest = (4 + 2) * shape.intermediate * run.tiled_mlp
+    widest = (4 + 2) * shape.intermediate * run.tiled_mlp if tiled else 2 * shape.intermediate * t
     post_norm_and_mlp = (4 + 2 * b) * h + 4 + (0 if tiled else 4 * shape.intermediate * b)
     out.update(norm_grads=t * 4 * 2 * h + b * t * 2 * h, mlp_grads=b * widest,
                attention_phase=attention_grads + b * t * (h + q) - t * post_norm_and_mlp)
     return out
+
+
+def _attention_grads(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
+    """Attention's backward beside what it saved: the kernels' dq/dk/dv and, per pass of
+    the ring, its float32 dq, the GQA calls' temporaries and the pass's own copies."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    passes = _ring_passes(shape, run, t)
+    grads = b * t * (q + 2 * kv) + t * _gqa_calls(shape, run, b) // passes
+    if run.attention in ("ring", "hybrid"):
+        grads += t * _ring_accumulators(shape, run, b) // passes
+    if passes > 1:  # a pass's contiguous q, out, dout, k, v and its dq, dk, dv before they are placed
+        grads += t * b * (4 * q + 4 * kv) // passes
+    return grads
 
 
 def _ring_passes(shape: ModelShape, run: RunShape, t: int) -> int:
