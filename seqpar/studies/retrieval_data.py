@@ -7,12 +7,12 @@ Retrieval documents teach a position-dependent skill that plain text at these si
 barely needs: find a 5-digit key said once, arbitrarily far back, and repeat it. Each is
 the evaluation template's needle (" The pass key is 12345.") at a random place in its
 filler sentences, then its question and answer (" The pass key is" -> " 12345") asked
-1..4 times at random places after it. Asking several times is what makes the copying
-circuit form within the study's budget: each document gives several answers to learn
-from, the later ones also copyable from a nearby earlier answer (the short-range case
-of the same skill); with one question per episode the study's 2-layer model still
-guessed the key's first digit at chance after 2000 steps (README). The filler is the
-template's sentences only, so the key is the only number in the episode (real text is
+1..4 times at random places after it. Asking several times gives denser supervision:
+each document gives several answers to learn from, the later ones also copyable from a
+nearby earlier answer (the short-range case of the same skill); with one question per
+episode the study's 2-layer model still guessed the key's first digit at chance after
+2000 steps at lr 2e-3 (README; the study's lr 5e-4 is what made retrieval work). The
+filler is the template's sentences only, so the key is the only number in the episode (real text is
 in documents of its own). The evaluation asks once, after the needle only, and draws
 its keys from another seed (keys are random per document, so none can be memorized).
 
