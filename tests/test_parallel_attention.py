@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from seqpar.errors import SeqparError
 from seqpar.ops import attention_reference
 from seqpar.parallel import (count_comm, hybrid_attention, init_mesh, ring_attention, shard,
                              ulysses_attention, unshard)
@@ -221,3 +222,19 @@ def test_only_comm_communicates():
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
              and isinstance(node.func.value, ast.Name) and node.func.value.id == "dist" and node.func.attr in ops]
     assert calls == []
+
+
+def _bad_pass_size(kv_heads_per_pass: int) -> str:
+    mesh = init_mesh(dist.get_world_size(), 1)
+    q, k, v = (torch.randn(1, 4, h, 16) for h in (8, 4, 4))
+    try:
+        ring_attention(q, k, v, mesh.sp_group, kv_heads_per_pass=kv_heads_per_pass)
+    except SeqparError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ring_refuses_a_pass_size_that_does_not_divide_the_kv_heads():
+    """Refused on every rank before anything is sent (a rank that went on would hang)."""
+    for got in run_distributed(_bad_pass_size, 2, 3, timeout=120):
+        assert "kv_heads_per_pass=3 must divide the 4 K/V heads" in got

@@ -315,6 +315,9 @@ def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "z
     """
     world = dist.get_world_size(group)
     check_shard_inputs(q, k, v, world, layout, doc_ids)
+    if kv_heads_per_pass is not None and (kv_heads_per_pass < 1 or k.shape[2] % kv_heads_per_pass):
+        # Checked before any communication, on every rank alike (same shapes everywhere).
+        raise SeqparError(f"kv_heads_per_pass={kv_heads_per_pass} must divide the {k.shape[2]} K/V heads.")
     if world == 1:
         # Alone in its group a rank holds the whole sequence in order (every layout is the
         # identity for one rank): one block, with no float32 accumulators and no split
@@ -324,7 +327,5 @@ def ring_attention(q, k, v, group=None, *, causal: bool = True, layout: str = "z
     agree_on_kernels(q, group)
     b, s_local, hq, d = q.shape
     per_pass = kv_heads_per_pass or auto_kv_heads_per_pass(b, s_local, hq, k.shape[2], d)
-    if k.shape[2] % per_pass:
-        raise SeqparError(f"kv_heads_per_pass={per_pass} must divide the {k.shape[2]} K/V heads.")
     out, lse = _RingAttention.apply(q, k, v, group, causal, layout, softmax_scale, doc_ids, per_pass)
     return (out, lse) if return_lse else out
