@@ -3,8 +3,10 @@
 For Llama, Qwen2, Qwen3 and Mistral (tiny random models, float32) on 2 gloo ranks, the
 tiled model's loss and SP-summed gradients equal the untiled parallelized model's, with
 fused and transformers' RoPE, ring and Ulysses attention, gradient checkpointing and
-offloaded activations; that every token-wise module really ran on tiles of at most N tokens; and that
-other layer shapes get a clear error.
+offloaded activations, and attention in head groups (whole K/V heads, parts of one K/V
+head's query heads, an o_proj bias added once); that every token-wise module really ran on
+tiles of at most N tokens and the projections on one group's heads; and that other layer
+shapes and groups that do not fit get a clear error.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ CASES = [  # family, parallelize kwargs, gradient checkpointing
     ("qwen2", {"attention": "ulysses", "fused_rope": True}, False),
     ("qwen3", {"attention": "ring", "fused_rope": True, "offload_activations": True}, True),
     ("mistral", {"attention": "ring", "fused_rope": False, "layout": "contiguous"}, False),
+    # head groups: 4 groups of one query head over llama's single K/V head, with o_proj bias
+    ("llama+bias", {"attention": "ring", "fused_rope": True, "head_groups": 4}, True),
+    ("qwen3", {"attention": "ring", "fused_rope": False, "head_groups": 4}, False),  # half a K/V head each
+    ("qwen2", {"attention": "ulysses", "fused_rope": True, "head_groups": 2}, True),  # a K/V head each
 ]
 TOKEN_WISE = ("input_layernorm", "post_attention_layernorm", "mlp")
 
@@ -43,14 +49,28 @@ def _loss_and_grads(model, input_ids, checkpointing, layout):
     return loss.item(), sp_summed_grads(model, mesh.sp_group)
 
 
-def _record_tile_lengths(model) -> list:
-    seen = []
+def _model(family):
+    if not family.endswith("+bias"):
+        return tiny_model(family, yarn=family == "qwen2")
+    model = tiny_model(family.removesuffix("+bias"), yarn=False)
+    model.config.attention_bias = True  # q/k/v and o_proj biases
+    torch.manual_seed(1)
+    model = type(model)(model.config).float()
+    assert model.get_decoder().layers[0].self_attn.o_proj.bias is not None
+    return model
+
+
+def _record_tile_lengths(model) -> tuple[list, list]:
+    """Token counts every token-wise module ran on, and q_proj's output widths."""
+    seen, widths = [], []
     decoder = model.get_decoder()
     modules = [getattr(layer, name) for layer in decoder.layers for name in TOKEN_WISE]
     modules += [layer.self_attn.q_proj for layer in decoder.layers]
     for m in modules:
         m.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
-    return seen
+    for layer in decoder.layers:
+        layer.self_attn.q_proj.register_forward_hook(lambda mod, args, out: widths.append(out.shape[-1]))
+    return seen, widths
 
 
 def tiled_layer_cases():
@@ -59,14 +79,19 @@ def tiled_layer_cases():
     for family, kw, checkpointing in CASES:
         name = f"{family} {kw} ckpt={checkpointing}"
         restore_rope()
-        reference = tiny_model(family, yarn=family == "qwen2")
+        reference = _model(family)
         input_ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(7))
         layout = kw.get("layout", "zigzag")
-        base = parallelize(copy.deepcopy(reference), init_mesh(world), **kw)
+        plain_kw = {k: v for k, v in kw.items() if k != "head_groups"}
+        base = parallelize(copy.deepcopy(reference), init_mesh(world), **plain_kw)
         want_loss, want_grads = _loss_and_grads(base, input_ids, checkpointing, layout)
         tiled = parallelize(copy.deepcopy(reference), init_mesh(world), tiled_layer=TILE, **kw)
-        lengths = _record_tile_lengths(tiled)
+        lengths, widths = _record_tile_lengths(tiled)
         loss, grads = _loss_and_grads(tiled, input_ids, checkpointing, layout)
+        config = reference.config
+        group_width = config.num_attention_heads // kw.get("head_groups", 1) * config.head_dim
+        if set(widths) != {group_width}:
+            failures.append(f"{name}: q_proj computed {sorted(set(widths))} features, not one group's {group_width}")
         if not getattr(tiled.get_decoder().norm.forward, "seqpar_tiled", False):
             failures.append(f"{name}: the final norm is not tiled")
         if not lengths or max(lengths) > TILE:
@@ -76,7 +101,7 @@ def tiled_layer_cases():
         worst = max(relative_error(a, b) for a, b in zip(grads, want_grads))
         if not worst < 1e-6:
             failures.append(f"{name}: grads differ from untiled by {worst:.2e}")
-    return failures + _rejects_other_layer_shapes()
+    return failures + _rejects_other_layer_shapes() + _rejects_groups_that_do_not_fit()
 
 
 def _rejects_other_layer_shapes():
@@ -93,3 +118,16 @@ def _rejects_other_layer_shapes():
 def test_tiled_layer_equals_untiled_layer():
     failures = sorted({f for rank in run_distributed(tiled_layer_cases, 2, timeout=600) for f in rank})
     assert not failures, "\n".join(failures)
+
+
+def _rejects_groups_that_do_not_fit():
+    failures = []
+    for kw, words in [({"tiled_layer": 8, "head_groups": 3}, ("3 head groups", "choose one of [1, 2, 4]")),
+                      ({"head_groups": 2}, ("tiled_layer",))]:
+        try:
+            parallelize(tiny_model("qwen3", yarn=False), init_mesh(dist.get_world_size()), **kw)
+            failures.append(f"{kw}: accepted")
+        except SeqparError as err:
+            if not all(w in str(err) for w in words):
+                failures.append(f"{kw}: the error does not name the fix: {err}")
+    return failures

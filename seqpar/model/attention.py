@@ -70,9 +70,14 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _no_mask)
 
 
+def ulysses_size(plan: SeqParallelPlan) -> int:
+    """Ranks that split heads in `plan`'s attention (1: ring only)."""
+    return {"ring": 1, "ulysses": plan.mesh.sp_size, "hybrid": plan.mesh.ulysses_size}[plan.algorithm]
+
+
 def check_model_heads(config, plan: SeqParallelPlan) -> None:
     """Heads vs Ulysses size, before any communication."""
-    ulysses = {"ring": 1, "ulysses": plan.mesh.sp_size, "hybrid": plan.mesh.ulysses_size}[plan.algorithm]
+    ulysses = ulysses_size(plan)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     try:

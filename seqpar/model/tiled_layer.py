@@ -19,17 +19,28 @@ So only q, k, v, the attention output and their gradients exist at full shard le
 the float32 copies RMSNorm makes, the MLP's [tokens, intermediate] tensors and the
 normalised hidden states exist for one tile at a time. Same numbers as the plain layer:
 every token-wise op sees the same inputs, only in smaller batches.
+
+Long shards go further, in head groups (`seqpar.parallel.head_groups`): stages 1-2 and
+o_proj run once per group of heads, each group a checkpoint of its own, so only one
+group's q, k, v, output and gradients exist at a time; o_proj's parts are summed
+(o_proj(out) = sum over groups of out_g @ W_o[:, g]^T), then stage 3 finishes per tile.
+The q/k/v/o projections compute only the group's rows (columns) of their weights, inside
+the modules' own calls. The price: with gradient checkpointing, attention's forward runs
+once more per layer (the layer's recompute, then each group's).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import SeqparError
+from ..parallel.head_groups import auto_head_groups, check_head_groups, head_groups
 from .tiled_mlp import tile_module
 
 _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -37,7 +48,7 @@ _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 class _Capture:
     """Stands in for attention on one tile: keeps what the module passed, returns a
-    placeholder that the o_proj pre-hook below drops (no o_proj work on it)."""
+    placeholder that o_proj skips (`_part_forward`)."""
 
     def __init__(self):
         self.qkv = None
@@ -50,13 +61,47 @@ class _Capture:
         return query.new_empty(b, s, h, d), None
 
 
-def _skip_when_capturing(attn):
-    def hook(module, args):
-        if getattr(attn, "seqpar_capture", None) is not None:
-            return (args[0][..., :0, :],)  # no tokens: the placeholder is never projected
-        return None
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-    return hook
+
+def _part_forward(linear, plain_forward, attn):
+    """`linear`'s forward, able to compute only a head group's part: output rows (q/k/v)
+    or input columns (o_proj; its bias added by the first group only). o_proj does no work
+    on the placeholder a captured tile hands it."""
+    def forward(x):
+        if linear is attn.o_proj and getattr(attn, "seqpar_capture", None) is not None:
+            return x.new_empty(*x.shape[:-1], 0)
+        part = getattr(linear, "seqpar_part", None)
+        if part is None:
+            return plain_forward(x)
+        rows, cols, with_bias = part
+        weight = linear.weight[rows] if rows is not None else linear.weight[:, cols]
+        bias = linear.bias if with_bias else None
+        if bias is not None and rows is not None:
+            bias = bias[rows]
+        return F.linear(x, weight, bias)
+
+    return forward
+
+
+@contextmanager
+def _group_parts(attn, group):
+    """q/k/v_proj and o_proj compute only `group`'s heads (None: all of them)."""
+    if group is None:
+        yield
+        return
+    d = attn.head_dim
+    q = slice(group.q_heads.start * d, group.q_heads.stop * d)
+    kv = slice(group.kv_heads.start * d, group.kv_heads.stop * d)
+    parts = {"q_proj": (q, None, True), "k_proj": (kv, None, True), "v_proj": (kv, None, True),
+             "o_proj": (None, q, group.index == 0)}
+    for name, part in parts.items():
+        getattr(attn, name).seqpar_part = part
+    try:
+        yield
+    finally:
+        for name in parts:
+            getattr(attn, name).seqpar_part = None
 
 
 def _check_layer(layer) -> None:
@@ -68,25 +113,52 @@ def _check_layer(layer) -> None:
                           f"Use parallel.tiled_mlp instead.")
 
 
-def _tiled_layer(layer, plain_forward, tile_tokens: int):
+def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int | None, ulysses: int):
     attn = layer.self_attn
-    attn.o_proj.register_forward_pre_hook(_skip_when_capturing(attn))
+    for name in _PROJECTIONS:
+        linear = getattr(attn, name)
+        linear.forward = _part_forward(linear, linear.forward, attn)
+    config = attn.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
 
-    def project(x, cos, sin, kwargs):
-        """Stage 1 on one tile: (q, k, v) in bshd, and how attention was called."""
+    def project(x, cos, sin, kwargs, group=None):
+        """Stage 1 on one tile (of `group`'s heads): (q, k, v) in bshd, and how attention
+        was called."""
         capture = _Capture()
         attn.seqpar_capture = capture
         try:
-            attn(layer.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=None, **kwargs)
+            with _group_parts(attn, group):
+                attn(layer.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=None, **kwargs)
         finally:
             attn.seqpar_capture = None
         project.call = capture.call
         return capture.qkv
 
+    def attend(xs, bounds, cos, sin, kwargs, group=None):
+        """Stages 1-2 over the whole shard: the attention output [b, s, heads * d]."""
+        qkv = [run(partial(project, kwargs=kwargs, group=group), x, cos[:, a:e], sin[:, a:e])
+               for x, a, e in zip(xs, bounds, bounds[1:])]
+        q, k, v = (torch.cat(parts, dim=1) for parts in zip(*qkv))
+        del qkv
+        mask, call = project.call
+        attention = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]
+        out, _ = attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, **call)
+        return out.reshape(*out.shape[:2], -1)
+
     def finish(x, out):
         """Stage 3 on one tile: o_proj + residual, post-attention norm, MLP + residual."""
-        h = x + attn.o_proj(out)
+        return finish_projected(x, attn.o_proj(out))
+
+    def finish_projected(x, projected):
+        h = x + projected
         return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def group_projected(x, cos, sin, kwargs, bounds, group):
+        """One head group's part of o_proj(attention(...)) over the whole shard."""
+        out = attend(x.split(tile_tokens, dim=1), bounds, cos, sin, kwargs, group)
+        with _group_parts(attn, group):
+            return attn.o_proj(out)
 
     def run(fn, *args):
         if torch.is_grad_enabled():
@@ -99,16 +171,17 @@ def _tiled_layer(layer, plain_forward, tile_tokens: int):
         bounds = [0]
         for x in xs:
             bounds.append(bounds[-1] + x.shape[1])
-        qkv = [run(partial(project, kwargs=kwargs), x, cos[:, a:e], sin[:, a:e])
-               for x, a, e in zip(xs, bounds, bounds[1:])]
-        q, k, v = (torch.cat(parts, dim=1) for parts in zip(*qkv))
-        del qkv
-        mask, call = project.call
-        attention = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]
-        out, _ = attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, **call)
-        del q, k, v
-        outs = out.reshape(*out.shape[:2], -1).split(tile_tokens, dim=1)
-        return torch.cat([run(finish, x, o) for x, o in zip(xs, outs)], dim=1)
+        b, s = hidden_states.shape[:2]
+        n = groups or auto_head_groups(b, s, heads, kv_heads, attn.head_dim, ulysses)
+        if n == 1:
+            outs = attend(xs, bounds, cos, sin, kwargs).split(tile_tokens, dim=1)
+            return torch.cat([run(finish, x, o) for x, o in zip(xs, outs)], dim=1)
+        projected = None
+        for group in head_groups(heads, kv_heads, n):
+            part = run(partial(group_projected, kwargs=kwargs, bounds=bounds, group=group), hidden_states, cos, sin)
+            projected = part if projected is None else projected + part
+        parts = projected.split(tile_tokens, dim=1)
+        return torch.cat([run(finish_projected, x, p) for x, p in zip(xs, parts)], dim=1)
 
     def forward(hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -129,18 +202,24 @@ def _tiled_layer(layer, plain_forward, tile_tokens: int):
     return forward
 
 
-def use_tiled_layer(model, tile_tokens: int = 8192) -> int:
+def use_tiled_layer(model, tile_tokens: int = 8192, head_groups: int | None = None, ulysses: int = 1) -> int:
     """Tile every decoder layer of `model` (and its final norm) by `tile_tokens` tokens;
-    returns how many layers were tiled. Raises SeqparError for layers of another shape."""
+    returns how many layers were tiled. `head_groups`: run attention in that many groups
+    of heads (None: `auto_head_groups` per shard; `ulysses`: the Ulysses size attention
+    runs with). Raises SeqparError for layers of another shape or groups that do not fit."""
     decoder = model.get_decoder()
     layers = list(decoder.layers)
     for layer in layers:
         _check_layer(layer)
+    if head_groups is not None:
+        config = model.config
+        heads = config.num_attention_heads
+        check_head_groups(heads, getattr(config, "num_key_value_heads", None) or heads, head_groups, ulysses)
     count = 0
     for layer in layers:
         if getattr(layer.forward, "seqpar_tiled", False):
             continue
-        layer.forward = _tiled_layer(layer, layer.forward, tile_tokens)
+        layer.forward = _tiled_layer(layer, layer.forward, tile_tokens, head_groups, ulysses)
         count += 1
     norm = getattr(decoder, "norm", None)
     if norm is not None:
