@@ -279,6 +279,8 @@ BAD = [  # (overrides, world size, message regex)
     (["parallel.sp_size=4", "parallel.attention=hybrid", "parallel.ulysses_size=3"], WORLD,
      r"sp_size 4 is not divisible by ulysses_size 3"),
     (["parallel.attention=hybrid"], WORLD, r"'hybrid' needs parallel.ulysses_size > 1.*divisor of sp_size > 1 \(2\)"),
+    (["parallel.head_groups=2"], WORLD, r"parallel.head_groups=2 needs parallel.tiled_layer.*set parallel.tiled_layer"),
+    (["parallel.tiled_layer=64", "parallel.head_groups=0"], WORLD, r"parallel.head_groups must be null .* or an integer >= 1"),
     (["parallel.sp_size=1", "parallel.attention=hybrid"], WORLD, r"raise parallel.sp_size above 1"),
     (["parallel.ulysses_size=2"], WORLD, r"parallel.ulysses_size=2 only applies to attention 'hybrid'"),
     (["parallel.sp_size=4", "parallel.attention=ulysses", "parallel.ulysses_size=2"], WORLD,
@@ -418,6 +420,8 @@ MODEL_BAD = [  # (model config, overrides, world, message regex)
     (llama3_8b, ["train.seq_len=32768", "rope.method=linear", "rope.factor=2",
                  "rope.original_max_position_embeddings=4096"], WORLD, r"set rope.factor to 8"),
     (lambda: LlamaConfig(vocab_size=100), [], WORLD, r"'byte' needs vocab_size >= 256"),
+    (llama3_8b, ["parallel.tiled_layer=1024", "parallel.head_groups=3"], WORLD,
+     r"parallel.head_groups=3 with this model: 3 head groups do not split .* choose one of \[1, 2, 4, 8, 16, 32\]"),
 ]
 
 

@@ -18,6 +18,8 @@ Variants:
 - ``+ckpt``: and gradient checkpointing; ``+tiled-mlp``: and the tiled MLP;
 - ``+tiled-layer``: and every token-wise part of each layer tiled (`parallel.tiled_layer`,
   same tile size);
+- ``+head-groups``: and the tiled layer's attention in `--head-groups` groups of heads
+  (`parallel.head_groups`; default one per query head, the smallest working set);
 - ``+offload``: and the checkpointed activations kept in CPU memory (CUDA only: on CPU
   ranks the offload target is the same memory).
 """
@@ -30,7 +32,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,7 @@ from ..commands import about
 from ..errors import SeqparError
 from ..model import enable_checkpointing, parallelize, shard_batch
 from ..parallel import init_mesh
+from ..parallel.head_groups import check_head_groups
 from ..parallel.spawn import DistributedRunError, run_distributed
 from ..plan.cli import max_seq_len
 from ..plan.memory import ModelShape, estimate, run_shape
@@ -50,7 +53,7 @@ from ..train.model_loader import load_model, model_config
 from ..units import GIB, MIB, parse_bytes
 from .attention import PeakMemory
 
-VARIANTS = ("transformers", "seqpar", "+ckpt", "+tiled-mlp", "+tiled-layer", "+offload")
+VARIANTS = ("transformers", "seqpar", "+ckpt", "+tiled-mlp", "+tiled-layer", "+head-groups", "+offload")
 
 
 @dataclass
@@ -61,19 +64,24 @@ class Variant:
     tiled_mlp: int | None = None
     offload_activations: bool = False
     tiled_layer: int | None = None
+    head_groups: int | None = None
+    loss_chunk: int | None = None  # the tiled loss's chunk in tokens (None: seqpar's default)
 
 
-def variants(names, tile: int) -> list[Variant]:
-    """Each named variant; the '+' ones add their feature to all before them."""
-    out, ckpt, mlp, layer, offload = [], False, None, None, False
+def variants(names, tile: int, head_groups: int | None = None) -> list[Variant]:
+    """Each named variant; the '+' ones add their feature to all before them.
+    `head_groups`: the number of groups of +head-groups."""
+    out, ckpt, mlp, layer, offload, groups = [], False, None, None, False, None
     for name in VARIANTS:
         ckpt = ckpt or name == "+ckpt"
         mlp = tile if (mlp or name == "+tiled-mlp") else None
-        layer = tile if (layer or name == "+tiled-layer") else None
+        layer = tile if (layer or name in ("+tiled-layer", "+head-groups")) else None
+        groups = groups or (head_groups if name == "+head-groups" else None)
         offload = offload or name == "+offload"
         if name in names:
             out.append(Variant(name, seqpar=name != "transformers", gradient_checkpointing=ckpt,
-                               tiled_mlp=mlp, offload_activations=offload, tiled_layer=layer))
+                               tiled_mlp=mlp, offload_activations=offload, tiled_layer=layer,
+                               head_groups=groups))
     unknown = set(names) - set(VARIANTS)
     if unknown:
         raise SeqparError(f"unknown --variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}.")
@@ -101,6 +109,8 @@ def _run_config(model_file, variant: Variant, seq_len, zero_json, dtype):
     cfg.parallel.tiled_mlp = variant.tiled_mlp
     cfg.parallel.offload_activations = variant.offload_activations
     cfg.parallel.tiled_layer = variant.tiled_layer
+    cfg.parallel.head_groups = variant.head_groups
+    cfg.parallel.loss_chunk = variant.loss_chunk
     return cfg
 
 
@@ -120,6 +130,7 @@ def _build(model_file, variant: Variant, seq_len, zero_json, dtype, mark, config
         model, hf_ds = load_model(cfg, ds, config)
     if variant.seqpar:
         parallelize(model, mesh, tiled_mlp=variant.tiled_mlp, tiled_layer=variant.tiled_layer,
+                    head_groups=variant.head_groups, loss_chunk=variant.loss_chunk,
                     offload_activations=variant.offload_activations)
     if variant.gradient_checkpointing:
         enable_checkpointing(model)
@@ -164,6 +175,8 @@ def _prime(model_file, variant: Variant, zero_json, dtype, seed) -> None:
                         "num_attention_heads": config.num_attention_heads // config.num_key_value_heads * 2,
                         "num_key_value_heads": 2}.items():
         setattr(config, name, value)
+    if variant.head_groups:  # groups that fit the copy's two K/V heads
+        variant = replace(variant, head_groups=2)
     _train(model_file, variant, 64, zero_json, dtype, 1, seed, lambda name: None, config=config)
     gc.collect()
 
@@ -238,7 +251,8 @@ def _rank_until_oom(model_file, variant_dict, seq_lens, zero_json, dtype, steps,
 
 
 def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float32",
-                     variant_names=VARIANTS, tile=1024, steps=2, device="cpu", seed=0,
+                     variant_names=VARIANTS, tile=1024, head_groups=None, loss_chunk=None, steps=2,
+                     device="cpu", seed=0,
                      timeout=3600.0, out=None, json_path=None, until_oom=False, gpu_mem=None) -> list[dict]:
     """Measure every variant at every length, with the planner's prediction beside it.
     Each row is reported (and `json_path` rewritten) as soon as it is measured, so a run
@@ -248,7 +262,9 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
     second table gives the longest that ran next to the planner's longest for the same
     memory (`gpu_mem` bytes: a cap on what the rank may allocate, default the GPU's)."""
     bench = _Bench(model_file, world_size, zero, dtype, device, json_path)
-    chosen = [v for v in variants(variant_names, tile) if not (v.name == "+offload" and device == "cpu")]
+    head_groups = head_groups or _query_heads(model_file)
+    chosen = [replace(v, loss_chunk=loss_chunk if v.seqpar else None)
+              for v in variants(variant_names, tile, head_groups) if not (v.name == "+offload" and device == "cpu")]
     if until_oom:
         capacity = gpu_mem or (torch.cuda.mem_get_info()[1] if device == "cuda" else None)
         for v in chosen:
@@ -389,6 +405,11 @@ def add_parser(benches) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--tiled-mlp", type=int, default=1024,
                    help="tokens per tile for +tiled-mlp and +tiled-layer")
+    p.add_argument("--head-groups", type=int, default=None, metavar="G",
+                   help="groups of heads for +head-groups (parallel.head_groups; default: one per query head)")
+    p.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
+                   help="tokens per chunk of seqpar's tiled loss (parallel.loss_chunk; default: 256 MiB of "
+                        "float32 logits, the whole shard for a small vocabulary)")
     p.add_argument("--steps", type=int, default=2, help="training steps per run (the peak is over all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: gloo ranks; cuda: nccl, one GPU per rank")
@@ -402,6 +423,12 @@ def add_parser(benches) -> None:
                         "size, so the longest length is found at lengths that run in seconds")
     p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     p.set_defaults(func=_run_cli)
+
+
+def _query_heads(model_file) -> int:
+    """+head-groups' default: one group per query head (the smallest working set)."""
+    with open(model_file) as f:
+        return json.load(f)["num_attention_heads"]
 
 
 def _run_cli(args) -> int:
@@ -419,9 +446,15 @@ def _run_cli(args) -> int:
         raise SeqparError("--world-size and --steps must be at least 1.")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     variants(names, args.tiled_mlp)  # unknown names fail here, before any process starts
+    if args.head_groups is not None:
+        with open(args.model) as f:
+            config = json.load(f)
+        heads = config["num_attention_heads"]
+        check_head_groups(heads, config.get("num_key_value_heads") or heads, args.head_groups)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     rows = run_memory_bench(args.model, [int(x) for x in args.seq_len.split(",")], world_size=args.world_size,
                             zero=args.zero, dtype=dtype, variant_names=names, tile=args.tiled_mlp,
+                            head_groups=args.head_groups, loss_chunk=args.loss_chunk,
                             steps=args.steps, device=args.device, timeout=args.timeout, json_path=args.json,
                             until_oom=args.until_oom, gpu_mem=args.gpu_mem)
     fine = (None, "out of memory") if args.until_oom else (None,)

@@ -52,7 +52,7 @@ def _check_supported(model, algorithm: str, layout: str) -> None:
 def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
                 fused_rope: bool = True, tiled_loss: bool = True, tiled_mlp: int | None = None,
                 offload_activations: bool = False, tiled_layer: int | None = None,
-                head_groups: int | None = None):
+                head_groups: int | None = None, loss_chunk: int | None = None):
     """Make `model` (any RoPE causal LM of transformers) run sequence-parallel over `mesh`.
 
     Afterwards, on every SP rank, `model(**seqpar.model.shard_batch(batch, mesh,
@@ -65,7 +65,8 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     final norm in tiles of N tokens, recomputed in backward; only attention's q, k, v and
     output exist at full shard length (it includes the tiled MLP); `head_groups=G` runs its
     attention in G groups of heads, one at a time (None: as many as ring attention would
-    make passes, see `seqpar.parallel.head_groups`). `offload_activations=True` keeps the tensors
+    make passes, see `seqpar.parallel.head_groups`). `loss_chunk=N`: the tiled loss's
+    chunk in tokens (default: 256 MiB of float32 logits). `offload_activations=True` keeps the tensors
     saved for backward in (pinned) CPU memory; with gradient checkpointing on, those are
     just the layers' input hidden states.
     """
@@ -84,7 +85,7 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     elif tiled_mlp:
         use_tiled_mlp(model, tiled_mlp)
     model.seqpar_plan = plan
-    model.forward = _sharded_forward(model, plan, tiled_loss, offload_activations)
+    model.forward = _sharded_forward(model, plan, tiled_loss, offload_activations, loss_chunk)
     return model
 
 
@@ -105,7 +106,8 @@ def hidden_states(model, input_ids, position_ids, doc_ids=None, **kwargs):
                                seqpar_plan=model.seqpar_plan, seqpar_doc_ids=doc_ids, **kwargs)[0]
 
 
-def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool, offload_activations: bool = False):
+def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool, offload_activations: bool = False,
+                     loss_chunk: int | None = None):
     head = model.get_output_embeddings()
 
     def forward(input_ids=None, labels=None, position_ids=None, doc_ids=None, attention_mask=None,
@@ -128,11 +130,11 @@ def _sharded_forward(model, plan: SeqParallelPlan, tiled_loss: bool, offload_act
             return CausalLMOutputWithPast(logits=head(hidden))
         return CausalLMOutputWithPast(loss=head(hidden, seqpar_labels=labels))
 
-    _make_loss_head(head, plan, tiled_loss)
+    _make_loss_head(head, plan, tiled_loss, loss_chunk)
     return forward
 
 
-def _make_loss_head(head, plan: SeqParallelPlan, tiled_loss: bool) -> None:
+def _make_loss_head(head, plan: SeqParallelPlan, tiled_loss: bool, loss_chunk: int | None = None) -> None:
     """Let the LM head itself compute the sharded loss when given labels.
 
     The loss must run inside the head module's own forward: DeepSpeed ZeRO-3 gathers a
@@ -144,6 +146,6 @@ def _make_loss_head(head, plan: SeqParallelPlan, tiled_loss: bool) -> None:
         if seqpar_labels is None:
             return plain_forward(hidden)
         return sharded_cross_entropy(hidden, head.weight, seqpar_labels, plan.mesh.sp_group,
-                                     bias=head.bias, tiled=tiled_loss)
+                                     bias=head.bias, tiled=tiled_loss, chunk_size=loss_chunk)
 
     head.forward = forward

@@ -104,6 +104,13 @@ def _group_parts(attn, group):
             getattr(attn, name).seqpar_part = None
 
 
+def _join(parts: list, i: int):
+    """torch.cat of parts[i] along the sequence, dropping the list's hold on the tiles."""
+    joined = torch.cat(parts[i], dim=1)
+    parts[i] = None
+    return joined
+
+
 def _check_layer(layer) -> None:
     missing = [p for p in _PARTS if not hasattr(layer, p)]
     if missing or not hasattr(getattr(layer, "self_attn", None), "o_proj"):
@@ -137,10 +144,11 @@ def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int | None, uly
 
     def attend(xs, bounds, cos, sin, kwargs, group=None):
         """Stages 1-2 over the whole shard: the attention output [b, s, heads * d]."""
-        qkv = [run(partial(project, kwargs=kwargs, group=group), x, cos[:, a:e], sin[:, a:e])
-               for x, a, e in zip(xs, bounds, bounds[1:])]
-        q, k, v = (torch.cat(parts, dim=1) for parts in zip(*qkv))
-        del qkv
+        tiles = [run(partial(project, kwargs=kwargs, group=group), x, cos[:, a:e], sin[:, a:e])
+                 for x, a, e in zip(xs, bounds, bounds[1:])]
+        parts = [list(p) for p in zip(*tiles)]
+        del tiles
+        q, k, v = (_join(parts, i) for i in range(3))  # each one's tiles freed once it is joined
         mask, call = project.call
         attention = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]
         out, _ = attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, **call)
@@ -151,12 +159,17 @@ def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int | None, uly
         return finish_projected(x, attn.o_proj(out))
 
     def finish_projected(x, projected):
-        h = x + projected
+        return finish_residual(x + projected)
+
+    def finish_residual(h):
+        """Stage 3 on one tile of h (the attention block's output, residual added)."""
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def group_projected(x, cos, sin, kwargs, bounds, group):
-        """One head group's part of o_proj(attention(...)) over the whole shard."""
-        out = attend(x.split(tile_tokens, dim=1), bounds, cos, sin, kwargs, group)
+    def group_projected(cos, sin, *xs, kwargs, bounds, group):
+        """One head group's part of o_proj(attention(...)) over the whole shard. It takes
+        the layer input's tiles (the same tensors for every group), so their gradients
+        add up tile by tile and are joined into one tensor once, after the last group."""
+        out = attend(xs, bounds, cos, sin, kwargs, group)
         with _group_parts(attn, group):
             return attn.o_proj(out)
 
@@ -176,12 +189,15 @@ def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int | None, uly
         if n == 1:
             outs = attend(xs, bounds, cos, sin, kwargs).split(tile_tokens, dim=1)
             return torch.cat([run(finish, x, o) for x, o in zip(xs, outs)], dim=1)
-        projected = None
+        # The residual at full length, each group's part added in place (one part alive at a
+        # time); its backward hands the same gradient to the layer input and to every group
+        # (no copies), and stage 3 keeps only h.
+        h = None
         for group in head_groups(heads, kv_heads, n):
-            part = run(partial(group_projected, kwargs=kwargs, bounds=bounds, group=group), hidden_states, cos, sin)
-            projected = part if projected is None else projected + part
-        parts = projected.split(tile_tokens, dim=1)
-        return torch.cat([run(finish_projected, x, p) for x, p in zip(xs, parts)], dim=1)
+            part = run(partial(group_projected, kwargs=kwargs, bounds=bounds, group=group), cos, sin, *xs)
+            h = hidden_states + part if h is None else h.add_(part)
+            del part
+        return torch.cat([run(finish_residual, t) for t in h.split(tile_tokens, dim=1)], dim=1)
 
     def forward(hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -36,9 +36,10 @@ backward, optimizer step); `bench memory` compares it with measured peaks.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import SeqparError
+from ..parallel.head_groups import auto_head_groups
 from ..parallel.volume import auto_kv_heads_per_pass
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -98,8 +99,10 @@ class RunShape:
     gradient_checkpointing: bool = False
     tiled_mlp: int | None = None
     tiled_layer: int | None = None  # every token-wise part of a layer in tiles (seqpar.model.tiled_layer)
+    head_groups: int | None = None  # the tiled layer's attention in groups of heads (None: auto)
     offload_activations: bool = False
     tiled_loss: bool = True
+    loss_chunk: int | None = None  # tokens per chunk of the tiled loss (None: 256 MiB of float32 logits)
     plain_transformers: bool = False  # transformers' own attention and loss, no seqpar
     grad_accum_dtype: str | None = None  # DeepSpeed data_types.grad_accum_dtype (None: the model's)
     reduce_bucket: int = DS_REDUCE_BUCKET
@@ -132,7 +135,7 @@ class MemoryEstimate:
 
 
 def saved_per_layer_token(shape: ModelShape, b: int, *, tiled_mlp: bool = False,
-                          tiled_layer: bool = False) -> int:
+                          tiled_layer: bool = False, head_groups: int = 1) -> int:
     """Bytes one decoder layer keeps for backward per token (no checkpointing).
 
     RMSNorm (x2): the float32 upcast of its input, the normalised value and its output in
@@ -140,10 +143,14 @@ def saved_per_layer_token(shape: ModelShape, b: int, *, tiled_mlp: bool = False,
     and a float32 rsqrt. Attention: rotated q and k, v and the output, and a float32
     log-sum-exp per head (seqpar's op and transformers' SDPA path alike: SDPA's GQA
     expansion is a view). MLP: gate, up, act(gate), act*up; none with the tiled MLP.
-    The tiled layer keeps only its input (the tiles' checkpoints) and attention's tensors.
+    The tiled layer keeps only its input (the tiles' checkpoints) and attention's tensors;
+    in head groups, its input and the residual after attention (each group's checkpoint
+    and stage 3's keep only those).
     """
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     attention = b * (2 * q + 2 * kv) + 4 * shape.heads
+    if tiled_layer and head_groups > 1:
+        return 2 * b * h
     if tiled_layer:
         return b * h + attention
     norms = 2 * ((4 + 2 * b) * h + 4)
@@ -193,7 +200,8 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     plain, h, v = run.plain_transformers, shape.hidden, shape.vocab
     tiled_layer = bool(run.tiled_layer) and not plain and t > run.tiled_layer  # shorter: plain layers
     tiled = not tiled_layer and bool(run.tiled_mlp) and not plain and t > run.tiled_mlp
-    layer = saved_per_layer_token(shape, b, tiled_mlp=tiled, tiled_layer=tiled_layer)
+    groups = _head_groups(shape, run, t) if tiled_layer else 1
+    layer = saved_per_layer_token(shape, b, tiled_mlp=tiled, tiled_layer=tiled_layer, head_groups=groups)
     per_layer = b * h if run.gradient_checkpointing else layer
     rope_tables = 0 if run.gradient_checkpointing else 2 * shape.head_dim * b
     final_norm = b * h if tiled_layer else (4 + 2 * b) * h  # tiled: only its input is kept
@@ -209,7 +217,7 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     if plain or not run.tiled_loss:
         loss = t * v * (b + 4 + (4 if b != 4 else 0))  # logits, fp32 grad, fp32 upcast
     else:
-        chunk = min(t, max(1, LOSS_CHUNK_LOGITS_BYTES // (4 * v)))
+        chunk = min(t, run.loss_chunk or max(1, LOSS_CHUNK_LOGITS_BYTES // (4 * v)))
         loss = chunk * v * (4 + b) + 4 * v * h + 4 * t  # chunk logits (+ cast), fp32 dW, lse
     # With checkpointing one layer's activations are recomputed for its backward; with
     # offloading they are brought back from CPU memory one layer at a time. The tiled
@@ -235,6 +243,18 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
         tile = run.tiled_layer
         out.update(tiled_layer=True, grads_full=b * t * (h + q) + 2 * b * shape.layer_params, dy=b * t * h,
                    tile_work=tile * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h))
+        if groups > 1:
+            # In head groups: stage 3's backward holds h, dy and the tiles' dh; then each
+            # group's backward holds dh (every group's output gradient, and the layer
+            # input's), the layer input's gradient from the groups so far (in tiles), and
+            # one group's recomputed q, k, v, out, dout and dq, dk, dv (measured, CPU ranks,
+            # bench_layer: README "Memory").
+            group = _attention_shape(shape, run, t)
+            group_saved = t * (saved_per_layer_token(group, b, tiled_layer=True) - b * h)
+            out.update(head_groups=groups, layer=b * t * h, recompute=0,
+                       grads_full=2 * b * t * h + 2 * b * shape.layer_params,
+                       attention_grads=group_saved + b * t * group.heads * group.head_dim
+                       + _attention_grads(group, run, b, t))
         return out
     # Gradients in flight in one layer's backward. The MLP's part comes first: the
     # layer output's and the MLP input's gradients, float32 in the norm, two of the
@@ -261,6 +281,24 @@ def _attention_grads(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
     if passes > 1:  # a pass's contiguous q, out, dout, k, v and its dq, dk, dv before they are placed
         grads += t * b * (4 * q + 4 * kv) // passes
     return grads
+
+
+def _head_groups(shape: ModelShape, run: RunShape, t: int) -> int:
+    """Groups of heads the tiled layer runs attention in (`seqpar.parallel.head_groups`)."""
+    if run.head_groups:
+        return run.head_groups
+    ulysses = {"ring": 1, "ulysses": run.sp_size, "hybrid": run.ulysses_size}[run.attention]
+    return auto_head_groups(1, t, shape.heads, shape.kv_heads, shape.head_dim, ulysses)
+
+
+def _attention_shape(shape: ModelShape, run: RunShape, t: int) -> ModelShape:
+    """The heads one attention call sees: all of them, or one head group's (a part of
+    one K/V head's query heads has that K/V head)."""
+    tiled_layer = bool(run.tiled_layer) and not run.plain_transformers and t > run.tiled_layer
+    groups = _head_groups(shape, run, t) if tiled_layer else 1
+    if groups == 1:
+        return shape
+    return replace(shape, heads=shape.heads // groups, kv_heads=max(shape.kv_heads // groups, 1))
 
 
 def _ring_passes(shape: ModelShape, run: RunShape, t: int) -> int:
@@ -341,7 +379,7 @@ def estimate(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     t = run.micro_batch * run.seq_len // sp
     states = _states(shape, run, b)
     acts = _activations(shape, run, b, t)
-    comm = _comm(shape, run, b, t)
+    comm = _comm(_attention_shape(shape, run, t), run, b, t)
     layer_back = _layer_backward(acts, comm)
     # ZeRO-3 keeps its gradient buffers for the whole run; the others fill them in backward.
     always = {"gradients": states["grads_full"]} if run.zero == 3 else {}
@@ -406,8 +444,9 @@ def run_shape(cfg, world: int, *, device: str = "cuda", plain_transformers: bool
         offload_optimizer=_offloads(zero.get("offload_optimizer")),
         offload_params=_offloads(zero.get("offload_param")),
         gradient_checkpointing=cfg.model.gradient_checkpointing, tiled_mlp=cfg.parallel.tiled_mlp,
-        tiled_layer=cfg.parallel.tiled_layer, grad_accum_dtype=_grad_accum_dtype(ds),
-        offload_activations=cfg.parallel.offload_activations, tiled_loss=cfg.parallel.tiled_loss,
+        tiled_layer=cfg.parallel.tiled_layer, head_groups=cfg.parallel.head_groups,
+        grad_accum_dtype=_grad_accum_dtype(ds), offload_activations=cfg.parallel.offload_activations,
+        tiled_loss=cfg.parallel.tiled_loss, loss_chunk=cfg.parallel.loss_chunk,
         plain_transformers=plain_transformers,
         reduce_bucket=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)), device=device)

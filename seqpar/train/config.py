@@ -35,9 +35,11 @@ class ParallelConfig:
     layout: str = "zigzag"  # zigzag | contiguous | stripe
     fused_rope: bool = True
     tiled_loss: bool = True
+    loss_chunk: int | None = None  # tokens per chunk of the tiled loss; None = 256 MiB of float32 logits
     tiled_mlp: int | None = None  # tokens per MLP tile (recomputed in backward); None = plain MLP
     offload_activations: bool = False  # tensors saved for backward live in pinned CPU memory
     tiled_layer: int | None = None  # tokens per tile for every token-wise part of a layer; None = off
+    head_groups: int | None = None  # tiled layer: attention in this many groups of heads; None = auto
     attention_kernel: str = "auto"  # auto | flash | cudnn | efficient | flash-attn | seqpar | torch
 
 

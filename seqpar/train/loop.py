@@ -223,7 +223,8 @@ def setup(cfg, resume: bool = False, stated=frozenset()) -> Trainer:
     model = parallelize(model, mesh, attention=cfg.parallel.attention, layout=cfg.parallel.layout,
                         fused_rope=cfg.parallel.fused_rope, tiled_loss=cfg.parallel.tiled_loss,
                         tiled_mlp=cfg.parallel.tiled_mlp, offload_activations=cfg.parallel.offload_activations,
-                        tiled_layer=cfg.parallel.tiled_layer)
+                        tiled_layer=cfg.parallel.tiled_layer, head_groups=cfg.parallel.head_groups,
+                        loss_chunk=cfg.parallel.loss_chunk)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
     batches = BatchIterator(dataset, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,

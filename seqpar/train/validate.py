@@ -22,6 +22,7 @@ import os
 from ..errors import SeqparError
 from ..ops.registry import KERNEL_NAMES
 from ..parallel import ALGORITHMS, LAYOUTS, check_layout, check_mesh_sizes
+from ..parallel.head_groups import check_head_groups
 from ..parallel.ulysses import kv_replication
 from ..units import parse_token_list
 from .ckpt_integrity import VERIFY_MODES
@@ -140,10 +141,16 @@ def _check_numbers(cfg: RunConfig) -> None:
           d.upsample_long, "a number >= 0")
     _need(d.max_documents is None or _int_at_least(d.max_documents, 1), "data.max_documents",
           d.max_documents, "null or an integer >= 1")
-    for key in ("tiled_mlp", "tiled_layer"):
+    for key in ("tiled_mlp", "tiled_layer", "loss_chunk"):
         value = getattr(p, key)
         _need(value is None or _int_at_least(value, 1), f"parallel.{key}", value,
               "null or an integer >= 1 (tokens per tile)")
+    _need(p.head_groups is None or _int_at_least(p.head_groups, 1), "parallel.head_groups", p.head_groups,
+          "null (as many as the shard needs) or an integer >= 1")
+    if p.head_groups is not None and not p.tiled_layer:
+        raise SeqparError(f"parallel.head_groups={p.head_groups} needs parallel.tiled_layer (the tiled layer "
+                          f"runs attention in head groups); set parallel.tiled_layer (e.g. 8192) or remove "
+                          f"parallel.head_groups.")
     _need(r.factor is None or (_is_num(r.factor) and r.factor >= 1), "rope.factor", r.factor,
           "null or a number >= 1")
     _need(r.rope_theta is None or (_is_num(r.rope_theta) and r.rope_theta > 0), "rope.rope_theta",
@@ -421,6 +428,11 @@ def _check_model_config(cfg: RunConfig, config) -> None:
         except SeqparError as err:
             raise SeqparError(f"{key}={ulysses} with attention {p.attention!r} and this model "
                               f"({heads} query / {kv_heads} key-value heads): {err}") from None
+        if p.head_groups is not None:
+            try:
+                check_head_groups(heads, kv_heads, p.head_groups, ulysses)
+            except SeqparError as err:
+                raise SeqparError(f"parallel.head_groups={p.head_groups} with this model: {err}") from None
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos and method == "none" and seq_len > max_pos:
         raise SeqparError(f"train.seq_len={seq_len} exceeds the model's max_position_embeddings="
