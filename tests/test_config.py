@@ -280,7 +280,7 @@ BAD = [  # (overrides, world size, message regex)
      r"sp_size 4 is not divisible by ulysses_size 3"),
     (["parallel.attention=hybrid"], WORLD, r"'hybrid' needs parallel.ulysses_size > 1.*divisor of sp_size > 1 \(2\)"),
     (["parallel.head_groups=2"], WORLD, r"parallel.head_groups=2 needs parallel.tiled_layer.*set parallel.tiled_layer"),
-    (["parallel.tiled_layer=64", "parallel.head_groups=0"], WORLD, r"parallel.head_groups must be null .* or an integer >= 1"),
+    (["parallel.tiled_layer=64", "parallel.head_groups=0"], WORLD, r"parallel.head_groups must be an integer >= 1"),
     (["parallel.sp_size=1", "parallel.attention=hybrid"], WORLD, r"raise parallel.sp_size above 1"),
     (["parallel.ulysses_size=2"], WORLD, r"parallel.ulysses_size=2 only applies to attention 'hybrid'"),
     (["parallel.sp_size=4", "parallel.attention=ulysses", "parallel.ulysses_size=2"], WORLD,

@@ -1,4 +1,4 @@
-"""Which heads each attention head group holds, and how many groups a shard gets
+"""Which heads each attention head group holds, and which numbers of groups are refused
 (`seqpar.parallel.head_groups`; the tiled layer runs them: tests/test_tiled_layer.py)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from seqpar import SeqparError
-from seqpar.parallel.head_groups import auto_head_groups, check_head_groups, head_groups
+from seqpar.parallel.head_groups import check_head_groups, head_groups
 
 
 def test_groups_of_whole_kv_heads_and_of_parts_of_one():
@@ -29,15 +29,3 @@ def test_groups_that_do_not_fit_are_refused_with_the_fix(heads, kv_heads, groups
     with pytest.raises(SeqparError) as err:
         check_head_groups(heads, kv_heads, groups, ulysses)
     assert all(w in str(err.value) for w in words), str(err.value)
-
-
-def test_auto_groups_follow_the_ring_passes_rule():
-    # Llama-3-8B shape (32 / 8 heads of 128): one group while a group's float32 dq fits in
-    # 256 MiB (4 * s * 32 * 128 bytes: 16K tokens), then more, one K/V head at the most.
-    assert auto_head_groups(1, 8192, 32, 8, 128) == 1
-    assert auto_head_groups(1, 32768, 32, 8, 128) == 2
-    assert auto_head_groups(1, 1 << 20, 32, 8, 128) == 8
-    # Ulysses over 8 ranks splits each group's 32/G query heads: at most 4 groups.
-    assert auto_head_groups(1, 1 << 20, 32, 8, 128, ulysses=8) == 4
-    # Never below a K/V head by itself (that would send K/V once per group).
-    assert auto_head_groups(1, 1 << 22, 4, 1, 64) == 1

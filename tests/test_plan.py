@@ -269,7 +269,7 @@ def test_tiled_layer_counts_ring_accumulators_and_gqa_calls():
     shape = ModelShape.from_config(AutoConfig.from_pretrained(SHAPE_8B))
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     one = RunShape(seq_len=1 << 16, world=1, sp_size=1, zero=3, gradient_checkpointing=True, tiled_layer=8192,
-                   head_groups=1, device="cpu")
+                   device="cpu")
     assert estimate(shape, one).detail["act_attention_grads"] == (1 << 16) * 2 * (q + 2 * kv)
     short = replace(one, seq_len=1 << 16, world=8, sp_size=8, tiled_layer=1024)  # 8K tokens a rank: one pass
     assert estimate(shape, short).detail["act_attention_grads"] == (1 << 13) * (2 * (q + 2 * kv) + 4 * q)

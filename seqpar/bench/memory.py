@@ -64,19 +64,19 @@ class Variant:
     tiled_mlp: int | None = None
     offload_activations: bool = False
     tiled_layer: int | None = None
-    head_groups: int | None = None
+    head_groups: int = 1
     loss_chunk: int | None = None  # the tiled loss's chunk in tokens (None: seqpar's default)
 
 
 def variants(names, tile: int, head_groups: int | None = None) -> list[Variant]:
     """Each named variant; the '+' ones add their feature to all before them.
     `head_groups`: the number of groups of +head-groups."""
-    out, ckpt, mlp, layer, offload, groups = [], False, None, None, False, None
+    out, ckpt, mlp, layer, offload, groups = [], False, None, None, False, 1
     for name in VARIANTS:
         ckpt = ckpt or name == "+ckpt"
         mlp = tile if (mlp or name == "+tiled-mlp") else None
         layer = tile if (layer or name in ("+tiled-layer", "+head-groups")) else None
-        groups = groups or (head_groups if name == "+head-groups" else None)
+        groups = head_groups if name == "+head-groups" else groups
         offload = offload or name == "+offload"
         if name in names:
             out.append(Variant(name, seqpar=name != "transformers", gradient_checkpointing=ckpt,
@@ -175,7 +175,7 @@ def _prime(model_file, variant: Variant, zero_json, dtype, seed) -> None:
                         "num_attention_heads": config.num_attention_heads // config.num_key_value_heads * 2,
                         "num_key_value_heads": 2}.items():
         setattr(config, name, value)
-    if variant.head_groups:  # groups that fit the copy's two K/V heads
+    if variant.head_groups > 1:  # groups that fit the copy's two K/V heads
         variant = replace(variant, head_groups=2)
     _train(model_file, variant, 64, zero_json, dtype, 1, seed, lambda name: None, config=config)
     gc.collect()

@@ -52,7 +52,7 @@ def _check_supported(model, algorithm: str, layout: str) -> None:
 def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
                 fused_rope: bool = True, tiled_loss: bool = True, tiled_mlp: int | None = None,
                 offload_activations: bool = False, tiled_layer: int | None = None,
-                head_groups: int | None = None, loss_chunk: int | None = None):
+                head_groups: int = 1, loss_chunk: int | None = None):
     """Make `model` (any RoPE causal LM of transformers) run sequence-parallel over `mesh`.
 
     Afterwards, on every SP rank, `model(**seqpar.model.shard_batch(batch, mesh,
@@ -64,8 +64,8 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     each decoder layer (norms, q/k/v/o projections with RoPE, residual adds, MLP) and the
     final norm in tiles of N tokens, recomputed in backward; only attention's q, k, v and
     output exist at full shard length (it includes the tiled MLP); `head_groups=G` runs its
-    attention in G groups of heads, one at a time (None: as many as ring attention would
-    make passes, see `seqpar.parallel.head_groups`). `loss_chunk=N`: the tiled loss's
+    attention in G groups of heads, one at a time, at the cost of one more attention
+    forward per layer (see `seqpar.model.tiled_layer`). `loss_chunk=N`: the tiled loss's
     chunk in tokens (default: 256 MiB of float32 logits). `offload_activations=True` keeps the tensors
     saved for backward in (pinned) CPU memory; with gradient checkpointing on, those are
     just the layers' input hidden states.
@@ -78,7 +78,7 @@ def parallelize(model, mesh, *, attention: str = "ring", layout: str = "zigzag",
     if fused_rope:
         use_fused_rope(model)
     use_global_dynamic_rope(model, mesh.sp_group)  # dynamic NTK: scale by the whole sequence's length
-    if head_groups is not None and not tiled_layer:
+    if head_groups != 1 and not tiled_layer:
         raise SeqparError("head_groups needs the tiled layer: set tiled_layer (parallel.tiled_layer) too.")
     if tiled_layer:
         use_tiled_layer(model, tiled_layer, head_groups, ulysses_size(plan))

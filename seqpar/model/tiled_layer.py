@@ -25,8 +25,9 @@ o_proj run once per group of heads, each group a checkpoint of its own, so only 
 group's q, k, v, output and gradients exist at a time; o_proj's parts are summed
 (o_proj(out) = sum over groups of out_g @ W_o[:, g]^T), then stage 3 finishes per tile.
 The q/k/v/o projections compute only the group's rows (columns) of their weights, inside
-the modules' own calls. The price: with gradient checkpointing, attention's forward runs
-once more per layer (the layer's recompute, then each group's).
+the modules' own calls. The price: attention's forward runs once more per layer (each
+group's recompute in backward; with gradient checkpointing after the layer's), so groups
+are off unless asked for (`head_groups`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import SeqparError
-from ..parallel.head_groups import auto_head_groups, check_head_groups, head_groups
+from ..parallel.head_groups import check_head_groups, head_groups
 from .tiled_mlp import tile_module
 
 _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -120,7 +121,7 @@ def _check_layer(layer) -> None:
                           f"Use parallel.tiled_mlp instead.")
 
 
-def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int | None, ulysses: int):
+def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int):
     attn = layer.self_attn
     for name in _PROJECTIONS:
         linear = getattr(attn, name)
@@ -184,16 +185,14 @@ def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int | None, uly
         bounds = [0]
         for x in xs:
             bounds.append(bounds[-1] + x.shape[1])
-        b, s = hidden_states.shape[:2]
-        n = groups or auto_head_groups(b, s, heads, kv_heads, attn.head_dim, ulysses)
-        if n == 1:
+        if groups == 1:
             outs = attend(xs, bounds, cos, sin, kwargs).split(tile_tokens, dim=1)
             return torch.cat([run(finish, x, o) for x, o in zip(xs, outs)], dim=1)
         # The residual at full length, each group's part added in place (one part alive at a
         # time); its backward hands the same gradient to the layer input and to every group
         # (no copies), and stage 3 keeps only h.
         h = None
-        for group in head_groups(heads, kv_heads, n):
+        for group in head_groups(heads, kv_heads, groups):
             part = run(partial(group_projected, kwargs=kwargs, bounds=bounds, group=group), cos, sin, *xs)
             h = hidden_states + part if h is None else h.add_(part)
             del part
@@ -218,24 +217,23 @@ def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int | None, uly
     return forward
 
 
-def use_tiled_layer(model, tile_tokens: int = 8192, head_groups: int | None = None, ulysses: int = 1) -> int:
+def use_tiled_layer(model, tile_tokens: int = 8192, head_groups: int = 1, ulysses: int = 1) -> int:
     """Tile every decoder layer of `model` (and its final norm) by `tile_tokens` tokens;
     returns how many layers were tiled. `head_groups`: run attention in that many groups
-    of heads (None: `auto_head_groups` per shard; `ulysses`: the Ulysses size attention
-    runs with). Raises SeqparError for layers of another shape or groups that do not fit."""
+    of heads (`ulysses`: the Ulysses size attention runs with). Raises SeqparError for
+    layers of another shape or groups that do not fit."""
     decoder = model.get_decoder()
     layers = list(decoder.layers)
     for layer in layers:
         _check_layer(layer)
-    if head_groups is not None:
-        config = model.config
-        heads = config.num_attention_heads
-        check_head_groups(heads, getattr(config, "num_key_value_heads", None) or heads, head_groups, ulysses)
+    config = model.config
+    heads = config.num_attention_heads
+    check_head_groups(heads, getattr(config, "num_key_value_heads", None) or heads, head_groups, ulysses)
     count = 0
     for layer in layers:
         if getattr(layer.forward, "seqpar_tiled", False):
             continue
-        layer.forward = _tiled_layer(layer, layer.forward, tile_tokens, head_groups, ulysses)
+        layer.forward = _tiled_layer(layer, layer.forward, tile_tokens, head_groups)
         count += 1
     norm = getattr(decoder, "norm", None)
     if norm is not None:

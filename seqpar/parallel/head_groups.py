@@ -1,4 +1,4 @@
-"""Attention in groups of heads: which heads a group holds, and how many groups to use.
+"""Attention in groups of heads: which heads a group holds, and which numbers of groups fit.
 
 Heads never interact in attention, so a decoder layer can run its attention one group of
 query heads at a time (with the K/V heads they read): only that group's q, k, v, output
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from ..errors import SeqparError
 from .ulysses import kv_replication
-from .volume import auto_kv_heads_per_pass
 
 
 @dataclass(frozen=True)
@@ -54,20 +53,3 @@ def head_groups(heads: int, kv_heads: int, groups: int) -> list[HeadGroup]:
             kv = range(j, j + 1)
         out.append(HeadGroup(i, range(i * q_per, (i + 1) * q_per), kv))
     return out
-
-
-def auto_head_groups(batch: int, s_local: int, heads: int, kv_heads: int, head_dim: int,
-                     ulysses: int = 1) -> int:
-    """As many groups as ring attention makes passes on this shard
-    (`volume.auto_kv_heads_per_pass`: a group's float32 dq at most 256 MiB): one group for
-    short shards, whole K/V heads per group (no extra traffic), and no more than the Ulysses
-    size allows."""
-    wanted = kv_heads // auto_kv_heads_per_pass(batch, s_local, heads, kv_heads, head_dim)
-    for groups in range(wanted, 0, -1):
-        if kv_heads % groups == 0:
-            try:
-                check_head_groups(heads, kv_heads, groups, ulysses)
-                return groups
-            except SeqparError:
-                continue
-    return 1

@@ -34,6 +34,8 @@ def advice(est, cfg) -> list[str]:
             out.append("parallel.tiled_mlp=8192")
         if not cfg.parallel.tiled_layer:
             out.append("parallel.tiled_layer=8192")
+        if cfg.parallel.head_groups == 1:
+            out.append("parallel.head_groups=<the model's K/V heads> (with parallel.tiled_layer)")
         out.append(f"a larger parallel.sp_size (now {cfg.parallel.sp_size})")
         if not cfg.parallel.offload_activations and cfg.model.gradient_checkpointing:
             out.append("parallel.offload_activations=true")

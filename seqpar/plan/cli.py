@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from ..commands import about
 from ..errors import SeqparError
+from ..parallel.head_groups import check_head_groups
 from ..tables import markdown_table
 from ..units import GIB, parse_bytes, parse_tokens
 from .memory import ModelShape, RunShape, estimate
@@ -108,6 +109,7 @@ def format_plan(rows, shape, base, gpus: int, capacity: int) -> str:
     feats = [n for n, on in (("grad checkpointing", base.gradient_checkpointing),
                              (f"tiled MLP ({base.tiled_mlp})", base.tiled_mlp and not base.tiled_layer),
                              (f"tiled layer ({base.tiled_layer})", base.tiled_layer),
+                             (f"{base.head_groups} head groups", base.tiled_layer and base.head_groups > 1),
                              ("tiled loss", base.tiled_loss), ("offloaded activations", base.offload_activations),
                              ("optimizer offload", base.offload_optimizer)) if on]
     lines = [f"model: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}, "
@@ -150,6 +152,9 @@ def add_parser(commands) -> None:
     p.add_argument("--tiled-layer", type=int, default=0, metavar="TOKENS",
                    help="every token-wise part of each layer in tiles of TOKENS (parallel.tiled_layer); "
                         "0 = off (default)")
+    p.add_argument("--head-groups", type=int, default=1, metavar="G",
+                   help="the tiled layer's attention in G groups of heads, one at a time (parallel.head_groups; "
+                        "default 1)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep checkpointed activations in pinned CPU memory")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
@@ -171,6 +176,10 @@ def run_plan(args) -> int:
         raise SeqparError(f"--gpu-mem must be more than 0 bytes, got {args.gpu_mem}; e.g. --gpu-mem 80GiB.")
     if args.micro_batch < 1:
         raise SeqparError(f"--micro-batch must be at least 1, got {args.micro_batch}.")
+    if args.head_groups != 1:
+        if not args.tiled_layer:
+            raise SeqparError("--head-groups needs --tiled-layer (the tiled layer runs attention in head groups).")
+        check_head_groups(shape.heads, shape.kv_heads, args.head_groups)
     if args.sp_size:
         sp_sizes = [int(s) for s in args.sp_size.split(",")]
         bad = [s for s in sp_sizes if args.gpus % s or args.seq_len % (2 * s)]
@@ -191,7 +200,7 @@ def run_plan(args) -> int:
     base = RunShape(seq_len=args.seq_len, world=args.gpus, attention=args.attention, dtype=args.dtype,
                     micro_batch=args.micro_batch, offload_optimizer=args.offload, offload_params=args.offload,
                     gradient_checkpointing=args.checkpointing, tiled_mlp=args.tiled_mlp or None,
-                    tiled_layer=args.tiled_layer or None,
+                    tiled_layer=args.tiled_layer or None, head_groups=args.head_groups,
                     offload_activations=args.offload_activations)
     rows = plan(shape, base, args.gpus, args.gpu_mem, sp_sizes, zeros, baseline=args.baseline)
     print(format_plan(rows, shape, base, args.gpus, args.gpu_mem), flush=True)

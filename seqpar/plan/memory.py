@@ -39,7 +39,6 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import SeqparError
-from ..parallel.head_groups import auto_head_groups
 from ..parallel.volume import auto_kv_heads_per_pass
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -99,7 +98,7 @@ class RunShape:
     gradient_checkpointing: bool = False
     tiled_mlp: int | None = None
     tiled_layer: int | None = None  # every token-wise part of a layer in tiles (seqpar.model.tiled_layer)
-    head_groups: int | None = None  # the tiled layer's attention in groups of heads (None: auto)
+    head_groups: int = 1  # the tiled layer's attention in groups of heads, one at a time
     offload_activations: bool = False
     tiled_loss: bool = True
     loss_chunk: int | None = None  # tokens per chunk of the tiled loss (None: 256 MiB of float32 logits)
@@ -200,10 +199,13 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     plain, h, v = run.plain_transformers, shape.hidden, shape.vocab
     tiled_layer = bool(run.tiled_layer) and not plain and t > run.tiled_layer  # shorter: plain layers
     tiled = not tiled_layer and bool(run.tiled_mlp) and not plain and t > run.tiled_mlp
-    groups = _head_groups(shape, run, t) if tiled_layer else 1
+    groups = run.head_groups if tiled_layer else 1
     layer = saved_per_layer_token(shape, b, tiled_mlp=tiled, tiled_layer=tiled_layer, head_groups=groups)
     per_layer = b * h if run.gradient_checkpointing else layer
-    rope_tables = 0 if run.gradient_checkpointing else 2 * shape.head_dim * b
+    # RoPE's cos/sin at full length: saved by the layers, or (with checkpointing) inputs of
+    # the tiled layer's checkpoints (measured; transformers' checkpointed layers also keep
+    # them in the recompute's closure: not counted there, within the measured error).
+    rope_tables = 0 if run.gradient_checkpointing and not tiled_layer else 2 * shape.head_dim * b
     final_norm = b * h if tiled_layer else (4 + 2 * b) * h  # tiled: only its input is kept
     loss_saved = 4 * v if plain or not run.tiled_loss else 0  # log-softmax output
     saved = t * (shape.layers * per_layer + rope_tables + final_norm + loss_saved + 32)
@@ -283,19 +285,11 @@ def _attention_grads(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
     return grads
 
 
-def _head_groups(shape: ModelShape, run: RunShape, t: int) -> int:
-    """Groups of heads the tiled layer runs attention in (`seqpar.parallel.head_groups`)."""
-    if run.head_groups:
-        return run.head_groups
-    ulysses = {"ring": 1, "ulysses": run.sp_size, "hybrid": run.ulysses_size}[run.attention]
-    return auto_head_groups(1, t, shape.heads, shape.kv_heads, shape.head_dim, ulysses)
-
-
 def _attention_shape(shape: ModelShape, run: RunShape, t: int) -> ModelShape:
     """The heads one attention call sees: all of them, or one head group's (a part of
     one K/V head's query heads has that K/V head)."""
     tiled_layer = bool(run.tiled_layer) and not run.plain_transformers and t > run.tiled_layer
-    groups = _head_groups(shape, run, t) if tiled_layer else 1
+    groups = run.head_groups if tiled_layer else 1
     if groups == 1:
         return shape
     return replace(shape, heads=shape.heads // groups, kv_heads=max(shape.kv_heads // groups, 1))

@@ -39,7 +39,7 @@ class ParallelConfig:
     tiled_mlp: int | None = None  # tokens per MLP tile (recomputed in backward); None = plain MLP
     offload_activations: bool = False  # tensors saved for backward live in pinned CPU memory
     tiled_layer: int | None = None  # tokens per tile for every token-wise part of a layer; None = off
-    head_groups: int | None = None  # tiled layer: attention in this many groups of heads; None = auto
+    head_groups: int = 1  # tiled layer: attention in this many groups of heads, one at a time
     attention_kernel: str = "auto"  # auto | flash | cudnn | efficient | flash-attn | seqpar | torch
 
 

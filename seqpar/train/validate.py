@@ -145,9 +145,9 @@ def _check_numbers(cfg: RunConfig) -> None:
         value = getattr(p, key)
         _need(value is None or _int_at_least(value, 1), f"parallel.{key}", value,
               "null or an integer >= 1 (tokens per tile)")
-    _need(p.head_groups is None or _int_at_least(p.head_groups, 1), "parallel.head_groups", p.head_groups,
-          "null (as many as the shard needs) or an integer >= 1")
-    if p.head_groups is not None and not p.tiled_layer:
+    _need(_int_at_least(p.head_groups, 1), "parallel.head_groups", p.head_groups,
+          "an integer >= 1 (1: attention over all heads at once)")
+    if p.head_groups != 1 and not p.tiled_layer:
         raise SeqparError(f"parallel.head_groups={p.head_groups} needs parallel.tiled_layer (the tiled layer "
                           f"runs attention in head groups); set parallel.tiled_layer (e.g. 8192) or remove "
                           f"parallel.head_groups.")
@@ -428,7 +428,7 @@ def _check_model_config(cfg: RunConfig, config) -> None:
         except SeqparError as err:
             raise SeqparError(f"{key}={ulysses} with attention {p.attention!r} and this model "
                               f"({heads} query / {kv_heads} key-value heads): {err}") from None
-        if p.head_groups is not None:
+        if p.head_groups != 1:
             try:
                 check_head_groups(heads, kv_heads, p.head_groups, ulysses)
             except SeqparError as err:
