@@ -182,6 +182,39 @@ def test_bench_memory_prediction_within_15_percent(tmp_path, capsys):
     assert abs(row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1) < 0.15
 
 
+@pytest.mark.extended  # about 3 minutes on 2 cores
+def test_head_groups_lower_the_tiled_layer_peak_as_planned(tmp_path, capsys):
+    """bench_layer on 2 CPU ranks (one K/V head, so 4 groups of one query head): the tiled
+    layer in head groups peaks below the tiled layer, and both within 10% of the planner."""
+    path = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--model", "configs/models/bench_layer.json", "--seq-len", "8192",
+                 "--world-size", "2", "--zero", "2", "--tiled-mlp", "512", "--loss-chunk", "512",
+                 "--variants", "+tiled-layer,+head-groups", "--head-groups", "4", "--json", str(path)]) == 0
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
+    assert rows["+head-groups"]["measured_peak_bytes"] < rows["+tiled-layer"]["measured_peak_bytes"]
+    for row in rows.values():
+        assert abs(row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1) < 0.10, row["variant"]
+
+
+def test_plan_head_groups_need_the_tiled_layer_and_whole_groups(capsys):
+    for extra, words in [(["--head-groups", "8"], "--head-groups needs --tiled-layer"),
+                         (["--tiled-layer", "8192", "--head-groups", "3"], "choose one of")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["plan", "--model", SHAPE_8B, "--seq-len", "64k", "--gpus", "1", *extra])
+        assert exc.value.code == 2 and words in capsys.readouterr().err
+    assert main(["plan", "--model", SHAPE_8B, "--seq-len", "1m", "--gpus", "8", "--zero", "3", "--offload",
+                 "--offload-activations", "--sp-size", "8", "--no-baseline", "--tiled-layer", "8192",
+                 "--head-groups", "8"]) == 0
+    assert "8 head groups" in capsys.readouterr().out
+
+
+def test_bench_memory_refuses_head_groups_that_do_not_fit(capsys):
+    with pytest.raises(SystemExit) as exc:  # before any rank starts
+        main(["bench", "memory", "--model", "configs/models/bench_layer.json", "--seq-len", "1024",
+              "--variants", "+head-groups", "--head-groups", "3"])
+    assert exc.value.code == 2 and "choose one of [1, 2, 4]" in capsys.readouterr().err
+
+
 def _until_oom_with_fake_oom(*args):
     """`_rank_until_oom` on a rank where every step longer than 1024 tokens runs out of memory."""
     import seqpar.bench.memory as memory

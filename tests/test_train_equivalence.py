@@ -5,7 +5,8 @@ parameter update < 1e-4 with SGD (float32; reduction orders differ) and < 1e-3 w
 AdamW, whose first step divides each gradient element by its own magnitude and so
 magnifies rounding in near-zero elements (it is scale-invariant: SGD is the real check).
 
-4 gloo ranks, as DP=2 x SP=2 and DP=1 x SP=4.
+4 gloo ranks, as DP=2 x SP=2 and DP=1 x SP=4. ZeRO-3 also with the tiled layer in head
+groups (its q/k/v/o projections use row/column slices of weights ZeRO-3 gathers).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def reference_update(model, input_ids, optimizer_name, lr):
     return [p.detach() - b for p, b in zip(model.parameters(), before)]
 
 
-def one_step(sp_size, stage, optimizer_name, ds_path):
+def one_step(sp_size, stage, optimizer_name, ds_path, **parallel):
     import deepspeed
 
     init_distributed()
@@ -63,7 +64,7 @@ def one_step(sp_size, stage, optimizer_name, ds_path):
     cfg.train.optimizer, cfg.train.lr, cfg.train.grad_clip, cfg.train.steps = optimizer_name, lr, 0.0, 10
     cfg.train.deepspeed_config = ds_path
     mesh = init_mesh(sp_size)
-    model = parallelize(copy.deepcopy(base), mesh, attention="ring", layout="zigzag", fused_rope=False)
+    model = parallelize(copy.deepcopy(base), mesh, attention="ring", layout="zigzag", fused_rope=False, **parallel)
     before = [p.detach().clone() for p in base.parameters()]
     ds_config = deepspeed_config(cfg, mesh.dp_size, bf16=False)
     engine = initialize_engine(model, cfg, mesh, ds_config)
@@ -81,8 +82,11 @@ def one_step(sp_size, stage, optimizer_name, ds_path):
 
 
 def all_cases(sp_size, ds_paths):
-    return {(stage, opt): one_step(sp_size, stage, opt, ds_paths[stage])
-            for stage in (1, 2, 3) for opt in ("sgd", "adamw")}
+    cases = {(stage, opt): one_step(sp_size, stage, opt, ds_paths[stage])
+             for stage in (1, 2, 3) for opt in ("sgd", "adamw")}
+    cases[3, "sgd", "tiled layer in 2 head groups"] = one_step(sp_size, 3, "sgd", ds_paths[3], tiled_layer=5,
+                                                               head_groups=2)
+    return cases
 
 
 @pytest.mark.parametrize("sp_size", [2, 4])
