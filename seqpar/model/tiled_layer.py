@@ -121,100 +121,103 @@ def _check_layer(layer) -> None:
                           f"Use parallel.tiled_mlp instead.")
 
 
-def _tiled_layer(layer, plain_forward, tile_tokens: int, groups: int):
-    attn = layer.self_attn
-    for name in _PROJECTIONS:
-        linear = getattr(attn, name)
-        linear.forward = _part_forward(linear, linear.forward, attn)
-    config = attn.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+def _run(fn, *args):
+    """`fn(*args)`, recomputed in backward when gradients are being recorded."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
-    def project(x, cos, sin, kwargs, group=None):
-        """Stage 1 on one tile (of `group`'s heads): (q, k, v) in bshd, and how attention
-        was called."""
-        capture = _Capture()
+
+class _TiledLayer:
+    """The forward of one tiled decoder layer (it replaces `layer.forward`)."""
+
+    seqpar_tiled = True
+
+    def __init__(self, layer, plain_forward, tile_tokens: int, groups: int):
+        self.layer, self.attn, self.plain_forward = layer, layer.self_attn, plain_forward
+        self.tile_tokens, self.groups = tile_tokens, groups
+        for name in _PROJECTIONS:
+            linear = getattr(self.attn, name)
+            linear.forward = _part_forward(linear, linear.forward, self.attn)
+        config = self.attn.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.call = None  # how the module called attention (mask, kwargs), seen in stage 1
+
+    def project(self, x, cos, sin, kwargs, group=None):
+        """Stage 1 on one tile (of `group`'s heads): (q, k, v) in bshd."""
+        attn, capture = self.attn, _Capture()
         attn.seqpar_capture = capture
         try:
             with _group_parts(attn, group):
-                attn(layer.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=None, **kwargs)
+                attn(self.layer.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=None, **kwargs)
         finally:
             attn.seqpar_capture = None
-        project.call = capture.call
+        self.call = capture.call
         return capture.qkv
 
-    def attend(xs, bounds, cos, sin, kwargs, group=None):
+    def attend(self, xs, bounds, cos, sin, kwargs, group=None):
         """Stages 1-2 over the whole shard: the attention output [b, s, heads * d]."""
-        tiles = [run(partial(project, kwargs=kwargs, group=group), x, cos[:, a:e], sin[:, a:e])
+        tiles = [_run(partial(self.project, kwargs=kwargs, group=group), x, cos[:, a:e], sin[:, a:e])
                  for x, a, e in zip(xs, bounds, bounds[1:])]
         parts = [list(p) for p in zip(*tiles)]
         del tiles
         q, k, v = (_join(parts, i) for i in range(3))  # each one's tiles freed once it is joined
-        mask, call = project.call
-        attention = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]
-        out, _ = attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, **call)
+        mask, call = self.call
+        attention = ALL_ATTENTION_FUNCTIONS[self.attn.config._attn_implementation]
+        out, _ = attention(self.attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, **call)
         return out.reshape(*out.shape[:2], -1)
 
-    def finish(x, out):
+    def finish(self, x, out):
         """Stage 3 on one tile: o_proj + residual, post-attention norm, MLP + residual."""
-        return finish_projected(x, attn.o_proj(out))
+        return self.finish_residual(x + self.attn.o_proj(out))
 
-    def finish_projected(x, projected):
-        return finish_residual(x + projected)
-
-    def finish_residual(h):
+    def finish_residual(self, h):
         """Stage 3 on one tile of h (the attention block's output, residual added)."""
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return h + self.layer.mlp(self.layer.post_attention_layernorm(h))
 
-    def group_projected(cos, sin, *xs, kwargs, bounds, group):
+    def group_projected(self, cos, sin, *xs, kwargs, bounds, group):
         """One head group's part of o_proj(attention(...)) over the whole shard. It takes
         the layer input's tiles (the same tensors for every group), so their gradients
         add up tile by tile and are joined into one tensor once, after the last group."""
-        out = attend(xs, bounds, cos, sin, kwargs, group)
-        with _group_parts(attn, group):
-            return attn.o_proj(out)
+        out = self.attend(xs, bounds, cos, sin, kwargs, group)
+        with _group_parts(self.attn, group):
+            return self.attn.o_proj(out)
 
-    def run(fn, *args):
-        if torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-    def tiled(hidden_states, position_embeddings, kwargs):
+    def tiled(self, hidden_states, position_embeddings, kwargs):
         cos, sin = position_embeddings
-        xs = hidden_states.split(tile_tokens, dim=1)
+        xs = hidden_states.split(self.tile_tokens, dim=1)
         bounds = [0]
         for x in xs:
             bounds.append(bounds[-1] + x.shape[1])
-        if groups == 1:
-            outs = attend(xs, bounds, cos, sin, kwargs).split(tile_tokens, dim=1)
-            return torch.cat([run(finish, x, o) for x, o in zip(xs, outs)], dim=1)
+        if self.groups == 1:
+            outs = self.attend(xs, bounds, cos, sin, kwargs).split(self.tile_tokens, dim=1)
+            return torch.cat([_run(self.finish, x, o) for x, o in zip(xs, outs)], dim=1)
         # The residual at full length, each group's part added in place (one part alive at a
         # time); its backward hands the same gradient to the layer input and to every group
         # (no copies), and stage 3 keeps only h.
         h = None
-        for group in head_groups(heads, kv_heads, groups):
-            part = run(partial(group_projected, kwargs=kwargs, bounds=bounds, group=group), cos, sin, *xs)
+        for group in head_groups(self.heads, self.kv_heads, self.groups):
+            part = _run(partial(self.group_projected, kwargs=kwargs, bounds=bounds, group=group), cos, sin, *xs)
             h = hidden_states + part if h is None else h.add_(part)
             del part
-        return torch.cat([run(finish_residual, t) for t in h.split(tile_tokens, dim=1)], dim=1)
+        return torch.cat([_run(self.finish_residual, t) for t in h.split(self.tile_tokens, dim=1)], dim=1)
 
-    def forward(hidden_states, *args, **kwargs):
+    def __call__(self, hidden_states, *args, **kwargs):
+        layer = self.layer
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         position_embeddings = kwargs.get("position_embeddings")
         if (args or cache is not None or position_embeddings is None or kwargs.get("attention_mask") is not None
-                or hidden_states.shape[1] <= tile_tokens):
-            return plain_forward(hidden_states, *args, **kwargs)
+                or hidden_states.shape[1] <= self.tile_tokens):
+            return self.plain_forward(hidden_states, *args, **kwargs)
         # Tensors of the whole sequence or per-token bookkeeping stay with the plain call only.
         for name in ("attention_mask", "position_ids", "position_embeddings", "cache", "past_key_values",
                      "use_cache", "cache_position"):
             kwargs.pop(name, None)
-        go = partial(tiled, position_embeddings=position_embeddings, kwargs=kwargs)
+        go = partial(self.tiled, position_embeddings=position_embeddings, kwargs=kwargs)
         if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
             return layer._gradient_checkpointing_func(go, hidden_states)  # as GradientCheckpointingLayer does
         return go(hidden_states)
-
-    forward.seqpar_tiled = True
-    return forward
 
 
 def use_tiled_layer(model, tile_tokens: int = 8192, head_groups: int = 1, ulysses: int = 1) -> int:
@@ -233,7 +236,7 @@ def use_tiled_layer(model, tile_tokens: int = 8192, head_groups: int = 1, ulysse
     for layer in layers:
         if getattr(layer.forward, "seqpar_tiled", False):
             continue
-        layer.forward = _tiled_layer(layer, layer.forward, tile_tokens, head_groups)
+        layer.forward = _TiledLayer(layer, layer.forward, tile_tokens, head_groups)
         count += 1
     norm = getattr(decoder, "norm", None)
     if norm is not None:

@@ -235,29 +235,7 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     out = {"saved": saved, "saved_in_backward": saved - head, "loss": loss, "layer": t * layer,
            "recompute": recompute, "attention_grads": attention_grads}
     if tiled_layer:
-        # Gradients at full length: dx (accumulating), d_out (gathered from the tiles for
-        # attention's backward), and either dy while the last o_proj/MLP tiles run
-        # backward or dq/dk/dv in attention's backward. One tile's working set: the
-        # recomputed o_proj output, residual, norm (float32) and gate/up/act/product, and
-        # their gradients.
-        # Each weight is used once per tile: autograd sums the tiles' weight gradients in a
-        # buffer while the next tile's arrives (two copies of the layer's, measured).
-        tile = run.tiled_layer
-        out.update(tiled_layer=True, grads_full=b * t * (h + q) + 2 * b * shape.layer_params, dy=b * t * h,
-                   tile_work=tile * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h))
-        if groups > 1:
-            # In head groups: stage 3's backward holds h, dy and the tiles' dh; then each
-            # group's backward holds dh (every group's output gradient, and the layer
-            # input's), the layer input's gradient from the groups so far (in tiles), and
-            # one group's recomputed q, k, v, out, dout and dq, dk, dv (measured, CPU ranks,
-            # bench_layer: README "Memory").
-            group = _attention_shape(shape, run, t)
-            group_saved = t * (saved_per_layer_token(group, b, tiled_layer=True) - b * h)
-            out.update(head_groups=groups, layer=b * t * h, recompute=0,
-                       grads_full=2 * b * t * h + 2 * b * shape.layer_params,
-                       attention_grads=group_saved + b * t * group.heads * group.head_dim
-                       + _attention_grads(group, run, b, t))
-        return out
+        return {**out, **_tiled_layer_backward(shape, run, b, t, groups)}
     # Gradients in flight in one layer's backward. The MLP's part comes first: the
     # layer output's and the MLP input's gradients, float32 in the norm, two of the
     # intermediate width in the MLP's (act * up) backward (with the tiled MLP, per tile,
@@ -270,6 +248,34 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     out.update(norm_grads=t * 4 * 2 * h + b * t * 2 * h, mlp_grads=b * widest,
                attention_phase=attention_grads + b * t * (h + q) - t * post_norm_and_mlp)
     return out
+
+
+def _tiled_layer_backward(shape: ModelShape, run: RunShape, b: int, t: int, groups: int) -> dict:
+    """The tiled layer's backward terms.
+
+    Gradients at full length: dx (accumulating), d_out (gathered from the tiles for
+    attention's backward), and either dy while the last o_proj/MLP tiles run backward or
+    dq/dk/dv in attention's backward. One tile's working set: the recomputed o_proj
+    output, residual, norm (float32) and gate/up/act/product, and their gradients. Each
+    weight is used once per tile: autograd sums the tiles' weight gradients in a buffer
+    while the next tile's arrives (two copies of the layer's, measured).
+
+    In head groups: stage 3's backward holds h, dy and the tiles' dh; then each group's
+    backward holds dh (every group's output gradient, and the layer input's), the layer
+    input's gradient from the groups so far (in tiles), and one group's recomputed q, k,
+    v, out, dout and dq, dk, dv (measured, CPU ranks, bench_layer: README "Memory").
+    """
+    h, q = shape.hidden, shape.heads * shape.head_dim
+    terms = {"tiled_layer": True, "grads_full": b * t * (h + q) + 2 * b * shape.layer_params, "dy": b * t * h,
+             "tile_work": run.tiled_layer * (b * (6 * shape.intermediate + 4 * h) + 4 * 2 * h)}
+    if groups > 1:
+        group = _attention_shape(shape, run, t)
+        group_saved = t * (saved_per_layer_token(group, b, tiled_layer=True) - b * h)
+        terms.update(head_groups=groups, layer=b * t * h, recompute=0,
+                     grads_full=2 * b * t * h + 2 * b * shape.layer_params,
+                     attention_grads=group_saved + b * t * group.heads * group.head_dim
+                     + _attention_grads(group, run, b, t))
+    return terms
 
 
 def _attention_grads(shape: ModelShape, run: RunShape, b: int, t: int) -> int:

@@ -141,16 +141,7 @@ def _check_numbers(cfg: RunConfig) -> None:
           d.upsample_long, "a number >= 0")
     _need(d.max_documents is None or _int_at_least(d.max_documents, 1), "data.max_documents",
           d.max_documents, "null or an integer >= 1")
-    for key in ("tiled_mlp", "tiled_layer", "loss_chunk"):
-        value = getattr(p, key)
-        _need(value is None or _int_at_least(value, 1), f"parallel.{key}", value,
-              "null or an integer >= 1 (tokens per tile)")
-    _need(_int_at_least(p.head_groups, 1), "parallel.head_groups", p.head_groups,
-          "an integer >= 1 (1: attention over all heads at once)")
-    if p.head_groups != 1 and not p.tiled_layer:
-        raise SeqparError(f"parallel.head_groups={p.head_groups} needs parallel.tiled_layer (the tiled layer "
-                          f"runs attention in head groups); set parallel.tiled_layer (e.g. 8192) or remove "
-                          f"parallel.head_groups.")
+    _check_tiles(p)
     _need(r.factor is None or (_is_num(r.factor) and r.factor >= 1), "rope.factor", r.factor,
           "null or a number >= 1")
     _need(r.rope_theta is None or (_is_num(r.rope_theta) and r.rope_theta > 0), "rope.rope_theta",
@@ -172,6 +163,20 @@ def _check_numbers(cfg: RunConfig) -> None:
                        "parallel.fused_rope": p.fused_rope, "parallel.tiled_loss": p.tiled_loss,
                        "log.tensorboard": lg.tensorboard, "checkpoint.overwrite": c.overwrite}.items():
         _need(isinstance(value, bool), key, value, "true or false")
+
+
+def _check_tiles(p) -> None:
+    """Tile and chunk sizes, and head groups (which only the tiled layer runs)."""
+    for key in ("tiled_mlp", "tiled_layer", "loss_chunk"):
+        value = getattr(p, key)
+        _need(value is None or _int_at_least(value, 1), f"parallel.{key}", value,
+              "null or an integer >= 1 (tokens per tile)")
+    _need(_int_at_least(p.head_groups, 1), "parallel.head_groups", p.head_groups,
+          "an integer >= 1 (1: attention over all heads at once)")
+    if p.head_groups != 1 and not p.tiled_layer:
+        raise SeqparError(f"parallel.head_groups={p.head_groups} needs parallel.tiled_layer (the tiled layer "
+                          f"runs attention in head groups); set parallel.tiled_layer (e.g. 8192) or remove "
+                          f"parallel.head_groups.")
 
 
 def _choice(key: str, value, choices) -> None:
