@@ -272,6 +272,7 @@ def test_train_memory_report_warns_with_fixes(monkeypatch):
     line, fits = check.memory_report(cfg, 8, config, "cuda")
     assert not fits and "predicted NOT to fit" in line
     assert "model.gradient_checkpointing=true" in line and "parallel.tiled_mlp=8192" in line
+    assert "parallel.head_groups=8 (with parallel.tiled_layer" in line  # one per K/V head
     assert "seqpar plan --model configs/models/llama3_8b_shape.json --seq-len 131072 --gpus 8" in line
     cfg.model.gradient_checkpointing, cfg.parallel.tiled_mlp = True, 8192
     line, fits = check.memory_report(cfg, 8, config, "cuda")

@@ -24,8 +24,9 @@ def rank_capacity(device: str) -> int | None:
     return total // max(1, local)
 
 
-def advice(est, cfg) -> list[str]:
-    """What to change, biggest term first (each item is a config key users can --set)."""
+def advice(est, cfg, kv_heads: int | None = None) -> list[str]:
+    """What to change, biggest term first (each item is a config key users can --set;
+    `kv_heads`: the model's K/V heads, for the head groups to suggest)."""
     out = []
     if est.activations + est.transient > est.states:
         if not cfg.model.gradient_checkpointing:
@@ -34,8 +35,9 @@ def advice(est, cfg) -> list[str]:
             out.append("parallel.tiled_mlp=8192")
         if not cfg.parallel.tiled_layer:
             out.append("parallel.tiled_layer=8192")
-        if cfg.parallel.head_groups == 1:
-            out.append("parallel.head_groups=<the model's K/V heads> (with parallel.tiled_layer)")
+        if cfg.parallel.head_groups == 1 and kv_heads and kv_heads > 1:
+            out.append(f"parallel.head_groups={kv_heads} (with parallel.tiled_layer; one more attention "
+                       f"forward per layer)")
         out.append(f"a larger parallel.sp_size (now {cfg.parallel.sp_size})")
         if not cfg.parallel.offload_activations and cfg.model.gradient_checkpointing:
             out.append("parallel.offload_activations=true")
@@ -43,6 +45,11 @@ def advice(est, cfg) -> list[str]:
         out.append("ZeRO-3 (train.deepspeed_config=configs/deepspeed/zero3.json) or "
                    "configs/deepspeed/zero3_offload.json, or more GPUs")
     return out
+
+
+def _kv_heads(config):
+    heads = getattr(config, "num_attention_heads", None)
+    return getattr(config, "num_key_value_heads", None) or heads
 
 
 def memory_report(cfg, world: int, config, device: str) -> tuple[str, bool]:
@@ -60,7 +67,7 @@ def memory_report(cfg, world: int, config, device: str) -> tuple[str, bool]:
     if est.total <= capacity:
         return line, True
     line += ("\n[seqpar] warning: this run is predicted NOT to fit in memory; try "
-             + "; ".join(advice(est, cfg))
+             + "; ".join(advice(est, cfg, _kv_heads(config)))
              + f". See `seqpar plan --model {cfg.model.config_file or cfg.model.name_or_path} "
                f"--seq-len {cfg.train.seq_len} --gpus {world}` for every option.")
     return line, False
