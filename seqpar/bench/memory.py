@@ -262,7 +262,7 @@ def run_memory_bench(model_file, seq_lens, *, world_size=2, zero=2, dtype="float
     second table gives the longest that ran next to the planner's longest for the same
     memory (`gpu_mem` bytes: a cap on what the rank may allocate, default the GPU's)."""
     bench = _Bench(model_file, world_size, zero, dtype, device, json_path)
-    head_groups = head_groups or _query_heads(model_file)
+    head_groups = head_groups or _heads(model_file)[0]  # default: one per query head
     chosen = [replace(v, loss_chunk=loss_chunk if v.seqpar else None)
               for v in variants(variant_names, tile, head_groups) if not (v.name == "+offload" and device == "cpu")]
     if until_oom:
@@ -425,10 +425,12 @@ def add_parser(benches) -> None:
     p.set_defaults(func=_run_cli)
 
 
-def _query_heads(model_file) -> int:
-    """+head-groups' default: one group per query head (the smallest working set)."""
+def _heads(model_file) -> tuple[int, int]:
+    """(query heads, K/V heads) of the model's config file."""
     with open(model_file) as f:
-        return json.load(f)["num_attention_heads"]
+        config = json.load(f)
+    heads = config["num_attention_heads"]
+    return heads, config.get("num_key_value_heads") or heads
 
 
 def _run_cli(args) -> int:
@@ -447,10 +449,7 @@ def _run_cli(args) -> int:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     variants(names, args.tiled_mlp)  # unknown names fail here, before any process starts
     if args.head_groups is not None:
-        with open(args.model) as f:
-            config = json.load(f)
-        heads = config["num_attention_heads"]
-        check_head_groups(heads, config.get("num_key_value_heads") or heads, args.head_groups)
+        check_head_groups(*_heads(args.model), args.head_groups)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     rows = run_memory_bench(args.model, [int(x) for x in args.seq_len.split(",")], world_size=args.world_size,
                             zero=args.zero, dtype=dtype, variant_names=names, tile=args.tiled_mlp,
