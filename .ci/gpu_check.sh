@@ -55,6 +55,10 @@ if [ "$PHASE" = limits ]; then
         --until-oom --gpu-mem 32GiB --steps 1 --timeout 200 --variants transformers,+tiled-mlp,+tiled-layer \
         --seq-len 4096,8192,16384,24576,32768,49152,65536,73728,81920,90112,98304,106496,114688,122880,131072,139264,147456,155648,163840,180224,196608 \
         --json "$OUT/limits_32gib.json"
+    # The tiled layer in 8 head groups (one per K/V head), from where the tiled layer stopped.
+    TAIL=20 step limits_head_groups 300 $SP bench memory --device cuda --world-size 1 --zero 2 --model "$M1B" \
+        --until-oom --gpu-mem 32GiB --steps 1 --timeout 280 --variants +head-groups --head-groups 8 \
+        --seq-len 122880,139264,155648,172032,196608 --json "$OUT/limits_head_groups.json"
     TAIL=20 step limits_whole_gpu 90 $SP bench memory --device cuda --world-size 1 --zero 2 --model "$M1B" \
         --until-oom --steps 1 --timeout 80 --variants transformers \
         --seq-len 24576,32768,36864,40960,45056,49152,57344,65536 --json "$OUT/limits_whole_gpu.json"
