@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -113,6 +114,36 @@ def _rejects_other_layer_shapes():
         if "post_attention_layernorm" in str(err) and "tiled_mlp" in str(err):
             return []
     return ["a layer without post_attention_layernorm was tiled, or the error names no fix"]
+
+
+def _cuda_head_groups_case():
+    """One nccl rank on GPU 0: Llama (one K/V head, 4 groups) and Qwen3 (2 groups of a K/V
+    head), float32 with checkpointing, tiled in head groups vs untiled, on the CUDA kernels
+    the registry picks."""
+    failures = []
+    for family, groups in (("llama", 4), ("qwen3", 2)):
+        reference = tiny_model(family, yarn=False).cuda()
+        ids = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(3))
+        results = []
+        for kw in ({}, {"tiled_layer": TILE, "head_groups": groups}):
+            model = parallelize(copy.deepcopy(reference), init_mesh(1), **kw)
+            model.train()
+            enable_checkpointing(model)
+            batch = shard_batch({"input_ids": ids}, model.seqpar_plan.mesh)
+            loss = model(**{k: v.cuda() for k, v in batch.items()}).loss
+            loss.backward()
+            results.append((loss.item(), [p.grad.detach().cpu() for p in model.parameters()]))
+        (want, want_grads), (got, grads) = results
+        worst = max(relative_error(a, b) for a, b in zip(grads, want_grads))
+        if abs(got - want) > 1e-4 * want or not worst < 1e-3:
+            failures.append(f"{family} in {groups} head groups on CUDA: loss {got} vs {want}, grads {worst:.1e}")
+    return failures
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_head_groups_on_cuda_equal_the_untiled_layer():
+    (failures,) = run_distributed(_cuda_head_groups_case, 1, backend="nccl", timeout=600)
+    assert not failures, "\n".join(failures)
 
 
 def test_tiled_layer_equals_untiled_layer():
