@@ -197,7 +197,7 @@ def _states(shape: ModelShape, run: RunShape, b: int) -> dict:
 
 def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     plain, h, v = run.plain_transformers, shape.hidden, shape.vocab
-    tiled_layer = bool(run.tiled_layer) and not plain and t > run.tiled_layer  # shorter: plain layers
+    tiled_layer = _layer_tiled(run, t)
     tiled = not tiled_layer and bool(run.tiled_mlp) and not plain and t > run.tiled_mlp
     groups = run.head_groups if tiled_layer else 1
     layer = saved_per_layer_token(shape, b, tiled_mlp=tiled, tiled_layer=tiled_layer, head_groups=groups)
@@ -291,11 +291,15 @@ def _attention_grads(shape: ModelShape, run: RunShape, b: int, t: int) -> int:
     return grads
 
 
+def _layer_tiled(run: RunShape, t: int) -> bool:
+    """Whether the tiled layer tiles a shard of t tokens (a shorter one runs the plain layer)."""
+    return bool(run.tiled_layer) and not run.plain_transformers and t > run.tiled_layer
+
+
 def _attention_shape(shape: ModelShape, run: RunShape, t: int) -> ModelShape:
     """The heads one attention call sees: all of them, or one head group's (a part of
     one K/V head's query heads has that K/V head)."""
-    tiled_layer = bool(run.tiled_layer) and not run.plain_transformers and t > run.tiled_layer
-    groups = run.head_groups if tiled_layer else 1
+    groups = run.head_groups if _layer_tiled(run, t) else 1
     if groups == 1:
         return shape
     return replace(shape, heads=shape.heads // groups, kv_heads=max(shape.kv_heads // groups, 1))
