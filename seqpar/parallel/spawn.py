@@ -13,9 +13,12 @@ cases into one call.
 """
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import queue as queue_mod
 import socket
+import sys
 import time
 import traceback
 
@@ -77,6 +80,16 @@ def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, kwargs, q):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # As `seqpar.cli.run` does: the report is flushed to the parent, then the process ends
+    # here. Interpreter finalization (a spawned child leaves through sys.exit) can let a
+    # communication thread abort a rank that already reported ("terminate called without
+    # an active exception", seen in CI), which would fail a good run.
+    q.close()
+    q.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _stop(procs) -> None:
