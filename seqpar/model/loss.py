@@ -60,7 +60,9 @@ def _logits(hidden, weight, bias):
 class _TiledLinearCE(torch.autograd.Function):
     """Per-token cross-entropy of ``hidden @ weight.T + bias`` without full logits.
 
-    hidden [N, H], weight [V, H], bias [V] or None, labels [N] -> float32 losses [N]
+    hidden [..., H] (N tokens), weight [V, H], bias [V] or None, labels [N] -> float32
+    losses [N]; hidden's gradient is made in hidden's shape (not a view of another shape:
+    a tiled final norm writes its own input gradient over it)
     (0 where the label is ignored). Forward keeps only the per-token log-sum-exp; backward
     recomputes each chunk's logits, turns them in place into
     d loss / d logits = g * (softmax - onehot(label)), and accumulates the input gradients
@@ -69,15 +71,16 @@ class _TiledLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk, ignore_index):
+        flat = hidden.reshape(-1, hidden.shape[-1])
         valid = labels != ignore_index
         target = torch.where(valid, labels, 0)
-        n = hidden.shape[0]
+        n = flat.shape[0]
         lse = hidden.new_empty(n, dtype=torch.float32)
         loss = torch.empty_like(lse)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)
-                logits = _logits(hidden[s:e], weight, bias)
+                logits = _logits(flat[s:e], weight, bias)
                 lse[s:e] = torch.logsumexp(logits, dim=-1)
                 loss[s:e] = lse[s:e] - logits.gather(1, target[s:e, None]).squeeze(1)
                 del logits
@@ -91,14 +94,16 @@ class _TiledLinearCE(torch.autograd.Function):
         hidden, weight, bias, target, valid, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g = torch.where(valid, grad_loss.float(), 0.0)
-        n, chunk = hidden.shape[0], ctx.chunk
-        grad_h = torch.empty_like(hidden) if need_h else None
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        n, chunk = flat.shape[0], ctx.chunk
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+        grad_h = grad_hidden.view(-1, hidden.shape[-1]) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)
-                h = hidden[s:e]
+                h = flat[s:e]
                 d = _logits(h, weight, bias).sub_(lse[s:e, None]).exp_()  # softmax
                 d.scatter_add_(1, target[s:e, None], d.new_full((e - s, 1), -1.0))
                 d.mul_(g[s:e, None])
@@ -113,7 +118,7 @@ class _TiledLinearCE(torch.autograd.Function):
                     else:  # CPU has no low-precision mm into a float32 output
                         grad_w += d.t() @ h
                 del d
-        return (grad_h,
+        return (grad_hidden,
                 grad_w.to(weight.dtype) if need_w else None,
                 grad_b.to(bias.dtype) if need_b else None,
                 None, None, None)
@@ -168,7 +173,7 @@ def sharded_cross_entropy(hidden, weight, labels, group=None, *, bias=None, igno
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
-    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    h = hidden.to(dtype)
     w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
     y = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
 
@@ -176,7 +181,7 @@ def sharded_cross_entropy(hidden, weight, labels, group=None, *, bias=None, igno
         chunk = chunk_size or default_chunk_size(weight.shape[0])
         per_token = _TiledLinearCE.apply(h, w, b, y, chunk, ignore_index)
     else:
-        per_token = F.cross_entropy(_logits(h, w, b), y, ignore_index=ignore_index, reduction="none")
+        per_token = F.cross_entropy(_logits(h.reshape(-1, h.shape[-1]), w, b), y, ignore_index=ignore_index, reduction="none")
     if reduction == "none":
         return per_token.view(labels.shape)
 

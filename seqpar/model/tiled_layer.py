@@ -21,13 +21,15 @@ normalised hidden states exist for one tile at a time. Same numbers as the plain
 every token-wise op sees the same inputs, only in smaller batches.
 
 Long shards go further, in head groups (`seqpar.parallel.head_groups`): stages 1-2 and
-o_proj run once per group of heads, each group a checkpoint of its own, so only one
-group's q, k, v, output and gradients exist at a time; o_proj's parts are summed
+o_proj run once per group of heads, so only one group's q, k, v, output and gradients
+exist at a time; o_proj's parts are added into the residual tile by tile
 (o_proj(out) = sum over groups of out_g @ W_o[:, g]^T), then stage 3 finishes per tile.
 The q/k/v/o projections compute only the group's rows (columns) of their weights, inside
-the modules' own calls. The price: attention's forward runs once more per layer (each
-group's recompute in backward; with gradient checkpointing after the layer's), so groups
-are off unless asked for (`head_groups`).
+the modules' own calls. The grouped layer is one autograd Function that keeps only its
+input and recomputes everything in backward with one full-length gradient buffer per
+block (`recomputed_layer.py`). The price: attention's forward runs once more per layer
+(h is recomputed before each group's own recompute), so groups are off unless asked for
+(`head_groups`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import SeqparError
 from ..parallel.head_groups import check_head_groups, head_groups
-from .tiled_mlp import tile_module
+from .recomputed_layer import recomputed_layer, tile_tokenwise
 
 _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -170,17 +172,15 @@ class _TiledLayer:
 
     def finish(self, x, out):
         """Stage 3 on one tile: o_proj + residual, post-attention norm, MLP + residual."""
-        return self.finish_residual(x + self.attn.o_proj(out))
+        h = x + self.attn.o_proj(out)
+        return h + self.post_attention(h)
 
-    def finish_residual(self, h):
-        """Stage 3 on one tile of h (the attention block's output, residual added)."""
-        return h + self.layer.mlp(self.layer.post_attention_layernorm(h))
+    def post_attention(self, h):
+        """Stage 3's token-wise branch on one tile of h: post-attention norm and MLP."""
+        return self.layer.mlp(self.layer.post_attention_layernorm(h))
 
-    def group_projected(self, cos, sin, *xs, kwargs, bounds, group):
-        """One head group's part of o_proj(attention(...)) over the whole shard. It takes
-        the layer input's tiles (the same tensors for every group), so their gradients
-        add up tile by tile and are joined into one tensor once, after the last group."""
-        out = self.attend(xs, bounds, cos, sin, kwargs, group)
+    def project_group(self, out, group):
+        """o_proj on one tile of a head group's attention output: the group's columns."""
         with _group_parts(self.attn, group):
             return self.attn.o_proj(out)
 
@@ -193,15 +193,16 @@ class _TiledLayer:
         if self.groups == 1:
             outs = self.attend(xs, bounds, cos, sin, kwargs).split(self.tile_tokens, dim=1)
             return torch.cat([_run(self.finish, x, o) for x, o in zip(xs, outs)], dim=1)
-        # The residual at full length, each group's part added in place (one part alive at a
-        # time); its backward hands the same gradient to the layer input and to every group
-        # (no copies), and stage 3 keeps only h.
-        h = None
-        for group in head_groups(self.heads, self.kv_heads, self.groups):
-            part = _run(partial(self.group_projected, kwargs=kwargs, bounds=bounds, group=group), cos, sin, *xs)
-            h = hidden_states + part if h is None else h.add_(part)
-            del part
-        return torch.cat([_run(self.finish_residual, t) for t in h.split(self.tile_tokens, dim=1)], dim=1)
+        # h = x + the groups' parts, then stage 3 per tile on h, as one recomputed Function
+        # (`recomputed_layer.py`): one group's part alive at a time.
+        parts = [(lambda *xs, group=group: self.attend(xs, bounds, cos, sin, kwargs, group),
+                  partial(self.project_group, group=group))
+                 for group in head_groups(self.heads, self.kv_heads, self.groups)]
+        checkpointed = self.layer.gradient_checkpointing and self.layer.training
+        layer = self.layer
+        f_params = [*layer.post_attention_layernorm.parameters(), *layer.mlp.parameters()]
+        return recomputed_layer(hidden_states, parts, self.post_attention, self.tile_tokens, layer,
+                                list(self.attn.o_proj.parameters()), f_params, keep_h=not checkpointed)
 
     def __call__(self, hidden_states, *args, **kwargs):
         layer = self.layer
@@ -215,7 +216,8 @@ class _TiledLayer:
                      "use_cache", "cache_position"):
             kwargs.pop(name, None)
         go = partial(self.tiled, position_embeddings=position_embeddings, kwargs=kwargs)
-        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+        if (layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
+                and self.groups == 1):  # in groups the layer is a checkpoint of its own
             return layer._gradient_checkpointing_func(go, hidden_states)  # as GradientCheckpointingLayer does
         return go(hidden_states)
 
@@ -239,6 +241,6 @@ def use_tiled_layer(model, tile_tokens: int = 8192, head_groups: int = 1, ulysse
         layer.forward = _TiledLayer(layer, layer.forward, tile_tokens, head_groups)
         count += 1
     norm = getattr(decoder, "norm", None)
-    if norm is not None:
-        tile_module(norm, tile_tokens)
+    if norm is not None and not getattr(norm.forward, "seqpar_tiled", False):
+        tile_tokenwise(norm, tile_tokens)
     return count

@@ -206,7 +206,8 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     # the tiled layer's checkpoints (measured; transformers' checkpointed layers also keep
     # them in the recompute's closure: not counted there, within the measured error).
     rope_tables = 0 if run.gradient_checkpointing and not tiled_layer else 2 * shape.head_dim * b
-    final_norm = b * h if tiled_layer else (4 + 2 * b) * h  # tiled: only its input is kept
+    # Tiled: its input, and its output kept by the loss (`recomputed_layer.tile_tokenwise`).
+    final_norm = 2 * b * h if tiled_layer else (4 + 2 * b) * h
     loss_saved = 4 * v if plain or not run.tiled_loss else 0  # log-softmax output
     saved = t * (shape.layers * per_layer + rope_tables + final_norm + loss_saved + 32)
     head = t * (final_norm + loss_saved)  # the final norm's and the loss's: freed by their backward
@@ -221,6 +222,7 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     else:
         chunk = min(t, run.loss_chunk or max(1, LOSS_CHUNK_LOGITS_BYTES // (4 * v)))
         loss = chunk * v * (4 + b) + 4 * v * h + 4 * t  # chunk logits (+ cast), fp32 dW, lse
+        loss += b * t * h  # the hidden states' gradient, filled chunk by chunk in backward
     # With checkpointing one layer's activations are recomputed for its backward; with
     # offloading they are brought back from CPU memory one layer at a time. The tiled
     # layer recomputes q, k, v, the attention output and its LSE (its input is the
@@ -260,10 +262,11 @@ def _tiled_layer_backward(shape: ModelShape, run: RunShape, b: int, t: int, grou
     weight is used once per tile: autograd sums the tiles' weight gradients in a buffer
     while the next tile's arrives (two copies of the layer's, measured).
 
-    In head groups: stage 3's backward holds h, dy and the tiles' dh; then each group's
-    backward holds dh (every group's output gradient, and the layer input's), the layer
-    input's gradient from the groups so far (in tiles), and one group's recomputed q, k,
-    v, out, dout and dq, dk, dv (measured, CPU ranks, bench_layer: README "Memory").
+    In head groups (`seqpar/model/recomputed_layer.py`): stage 3's backward holds the
+    recomputed h and dy, which becomes dh in place; then each group's backward holds dh,
+    the layer input's gradient buffer and one group's recomputed q, k, v, out, dout and
+    dq, dk, dv; o_proj runs per tile (measured, CPU ranks, bench_layer and bench_gqa:
+    README "Memory").
     """
     h, q = shape.hidden, shape.heads * shape.head_dim
     terms = {"tiled_layer": True, "grads_full": b * t * (h + q) + 2 * b * shape.layer_params, "dy": b * t * h,
@@ -271,7 +274,7 @@ def _tiled_layer_backward(shape: ModelShape, run: RunShape, b: int, t: int, grou
     if groups > 1:
         group = _attention_shape(shape, run, t)
         group_saved = t * (saved_per_layer_token(group, b, tiled_layer=True) - b * h)
-        terms.update(head_groups=groups, layer=b * t * h, recompute=0,
+        terms.update(head_groups=groups, layer=b * t * h, recompute=0, dy=0,
                      grads_full=2 * b * t * h + 2 * b * shape.layer_params,
                      attention_grads=group_saved + b * t * group.heads * group.head_dim
                      + _attention_grads(group, run, b, t))
