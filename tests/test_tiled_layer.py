@@ -34,7 +34,8 @@ CASES = [  # family, parallelize kwargs, gradient checkpointing
     ("mistral", {"attention": "ring", "fused_rope": False, "layout": "contiguous"}, False),
     # head groups: 4 groups of one query head over llama's single K/V head, with o_proj bias
     ("llama+bias", {"attention": "ring", "fused_rope": True, "head_groups": 4}, True),
-    ("qwen3", {"attention": "ring", "fused_rope": False, "head_groups": 4}, False),  # half a K/V head each
+    ("qwen3", {"attention": "ring", "fused_rope": False, "head_groups": 4,  # half a K/V head each
+               "offload_activations": True}, False),
     ("qwen2", {"attention": "ulysses", "fused_rope": True, "head_groups": 2}, True),  # a K/V head each
 ]
 TOKEN_WISE = ("input_layernorm", "post_attention_layernorm", "mlp")

@@ -213,9 +213,9 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     head = t * (final_norm + loss_saved)  # the final norm's and the loss's: freed by their backward
     back_on_device = run.offload_activations and run.device != "cpu"
     if back_on_device:
-        # save_on_cpu: what the loss saves stays; a tiled final norm's input comes back one
-        # tile at a time (each tile's checkpoint saved its own slice).
-        saved = head = t * ((0 if tiled_layer else final_norm) + loss_saved)
+        # save_on_cpu: what the loss saves stays; with the tiled layer the loss's input
+        # (the final norm's output) comes back for the loss's backward.
+        saved = head = t * ((b * h if tiled_layer else final_norm) + loss_saved)
     # The largest short-lived working set at the end of forward / during backward.
     if plain or not run.tiled_loss:
         loss = t * v * (b + 4 + (4 if b != 4 else 0))  # logits, fp32 grad, fp32 upcast
