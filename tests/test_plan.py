@@ -334,7 +334,7 @@ def test_layer_backward_in_phases():
     layer = saved_per_layer_token(shape, b, tiled_mlp=True)
     attention = b * t * (q + 2 * kv) + t * 4 * q + b * t * (h + q) - t * ((4 + 2 * b) * h + 4)  # + ring's fp32 dq
     assert est.detail["act_attention_phase"] == attention
-    mlp = t * (4 * 2 * h + b * 2 * h) + b * 6 * shape.intermediate * 512  # one MLP tile's
+    mlp = t * (4 * h + b * 2 * h) + b * 6 * shape.intermediate * 512  # float32: one norm upcast; one MLP tile's
     assert (est.detail["act_norm_grads"] + est.detail["act_mlp_grads"]) == mlp
     recompute = t * (layer - b * h)  # float32: the first norm's upcast is the checkpoint
     comm = t * (2 * 2 * kv * b + 2 * 2 * kv * 4)  # K/V blocks in flight, float32 dK/dV

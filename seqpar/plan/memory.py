@@ -239,7 +239,8 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     if tiled_layer:
         return {**out, **_tiled_layer_backward(shape, run, b, t, groups)}
     # Gradients in flight in one layer's backward. The MLP's part comes first: the
-    # layer output's and the MLP input's gradients, float32 in the norm, two of the
+    # layer output's and the MLP input's gradients, float32 in the norm (two; one in a
+    # float32 model, whose upcast is the gradient itself: measured on CPU ranks), two of the
     # intermediate width in the MLP's (act * up) backward (with the tiled MLP, per tile,
     # on top of the tile's recomputed gate/up/act/product). Attention's part comes after
     # the MLP's and the post-attention norm's, whose saved tensors are freed by then: the
@@ -247,7 +248,7 @@ def _activations(shape: ModelShape, run: RunShape, b: int, t: int) -> dict:
     # bench_layer, and on an H200, 1B shape: README "Memory".)
     widest = (4 + 2) * shape.intermediate * run.tiled_mlp if tiled else 2 * shape.intermediate * t
     post_norm_and_mlp = (4 + 2 * b) * h + 4 + (0 if tiled else 4 * shape.intermediate * b)
-    out.update(norm_grads=t * 4 * 2 * h + b * t * 2 * h, mlp_grads=b * widest,
+    out.update(norm_grads=t * 4 * (1 if b == 4 else 2) * h + b * t * 2 * h, mlp_grads=b * widest,
                attention_phase=attention_grads + b * t * (h + q) - t * post_norm_and_mlp)
     return out
 
