@@ -6,7 +6,8 @@
 f: the post-attention norm and the MLP; all but attention token by token.)
 
 Forward keeps x alone (and h where the layer is not checkpointed). Backward recomputes h
-(each group's forward, nothing recorded), then takes f's backward tile by tile, then each group's backward on its own:
+(each group's forward, nothing recorded), then takes f's backward tile by tile, then
+each group's backward on its own:
 
 - dh_i = dy_i + f'(h_i)^T dy_i needs only tile i of dy, so it is written over dy in place
   (when nothing else holds dy, `_owned`; otherwise dy is copied first). Checkpointing
@@ -23,6 +24,9 @@ Backward runs the recompute and its backward itself (the pattern of reentrant
 checkpointing): parameters get their gradients through a nested backward, and module
 hooks (DeepSpeed ZeRO's gathers) run as in any recompute. An empty `anchor` input that
 needs a gradient makes backward run even when x needs none (frozen embeddings).
+
+`tile_tokenwise` runs a per-token module (the final norm) the same way: its input
+gradient is written over its output gradient (the tiled loss's, made in its shape).
 """
 
 from __future__ import annotations
@@ -77,47 +81,34 @@ def _ready(params, ready: bool) -> None:
         p.ds_grad_is_ready = ready
 
 
-def _tiles_backward(x, dy, f, tile_tokens, residual, params):
+def _over_dy(x, dy, residual):
+    """Where x's gradient goes: over dy when no one else holds it, else a buffer of its own
+    (starting as dy for a residual block)."""
+    if _owned(dy) and dy.dtype == x.dtype and dy.shape == x.shape:
+        return dy
+    return dy.to(x.dtype, copy=True, memory_format=torch.contiguous_format) if residual else torch.empty_like(x)
+
+
+def _tiles_backward(x, dy, f, tile_tokens, params, into, residual=False, last=True):
     """The gradient of x for y = f(x) (+ x with `residual`), f per token (its parameters
-    `params`), recomputed tile by tile and written over dy (dy's tile i is not needed once
-    tile i is done)."""
-    reuse = _owned(dy) and dy.dtype == x.dtype and dy.shape == x.shape
-    if reuse:
-        dx = dy
-    else:
-        dx = dy.to(x.dtype, copy=True, memory_format=torch.contiguous_format) if residual else torch.empty_like(x)
+    `params`), recomputed tile by tile and written into `into` tile by tile (which may be
+    dy itself: dy's tile i is not needed once tile i is done). `last`: whether this is the
+    last loop over tiles that adds to the parameters' gradients."""
     tiles = x.split(tile_tokens, dim=1)
-    for i, (tile, dy_tile, dx_tile) in enumerate(zip(tiles, dy.split(tile_tokens, dim=1),
-                                                     dx.split(tile_tokens, dim=1))):
+    for i, (tile, dy_tile, into_tile) in enumerate(zip(tiles, dy.split(tile_tokens, dim=1),
+                                                       into.split(tile_tokens, dim=1))):
         leaf = tile.detach().requires_grad_()
         with torch.enable_grad():
             out = f(leaf)
-        _ready(params, i == len(tiles) - 1)
+        _ready(params, last and i == len(tiles) - 1)
         _backward(out, dy_tile)
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(tile)
         if residual:
-            dx_tile.add_(grad)  # dy_i + f'(x_i)^T dy_i: the residual's share and f's
+            into_tile.add_(grad)  # dy_i + f'(x_i)^T dy_i: the residual's share and f's
         else:
-            dx_tile.copy_(grad)
+            into_tile.copy_(grad)
         del out, leaf, grad
-    return dx
-
-
-def _project_backward(out, dh, project, tile_tokens, params, last_part):
-    """The gradient of a part's output, tile by tile through `project` (its parameters
-    `params`, gradients on the way): no full-width [tokens, hidden] tensor of the part."""
-    dout = torch.empty_like(out)
-    tiles = out.split(tile_tokens, dim=1)
-    for i, (out_tile, dh_tile, dout_tile) in enumerate(zip(tiles, dh.split(tile_tokens, dim=1),
-                                                           dout.split(tile_tokens, dim=1))):
-        leaf = out_tile.detach().requires_grad_()
-        with torch.enable_grad():
-            projected = project(leaf)
-        _ready(params, last_part and i == len(tiles) - 1)
-        torch.autograd.backward(projected, dh_tile)
-        dout_tile.copy_(leaf.grad)
-        del projected, leaf
-    return dout
+    return into
 
 
 def _attention_block_backward(x, dh, parts, tile_tokens, want_dx, params):
@@ -131,7 +122,8 @@ def _attention_block_backward(x, dh, parts, tile_tokens, want_dx, params):
                 tile.register_post_accumulate_grad_hook(_adder(acc))
         with torch.enable_grad():
             out = attend(*tiles)
-        dout = _project_backward(out, dh, project, tile_tokens, params[1], last)
+        # project per tile: no full-width [tokens, hidden] tensor of the part
+        dout = _tiles_backward(out, dh, project, tile_tokens, params[1], torch.empty_like(out), last=last)
         _ready(params[0], last)
         _backward(out, dout)
         del out, dout, tiles
@@ -157,7 +149,7 @@ class _RecomputedLayer(torch.autograd.Function):
         try:
             if h is None:
                 h = _attention_block(x, ctx.parts, ctx.tile_tokens)  # grad mode is off here
-            dh = _tiles_backward(h, dy, ctx.f, ctx.tile_tokens, True, f_params)
+            dh = _tiles_backward(h, dy, ctx.f, ctx.tile_tokens, f_params, _over_dy(h, dy, True), residual=True)
             del h, dy
             dx = _attention_block_backward(x, dh, ctx.parts, ctx.tile_tokens, ctx.needs_input_grad[0],
                                            (attend_params, project_params))
@@ -193,7 +185,7 @@ class _TokenwiseTiles(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         try:
-            dx = _tiles_backward(x, dy, ctx.f, ctx.tile_tokens, False, ctx.params)
+            dx = _tiles_backward(x, dy, ctx.f, ctx.tile_tokens, ctx.params, _over_dy(x, dy, False))
         finally:
             _ready(ctx.params, True)
         return dx, None, None, None, None
