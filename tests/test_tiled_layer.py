@@ -5,12 +5,14 @@ tiled model's loss and SP-summed gradients equal the untiled parallelized model'
 fused and transformers' RoPE, ring and Ulysses attention, gradient checkpointing and
 offloaded activations, and attention in head groups (whole K/V heads, parts of one K/V
 head's query heads, an o_proj bias added once); that every token-wise module really ran on
-tiles of at most N tokens and the projections on one group's heads; and that other layer
-shapes and groups that do not fit get a clear error.
+tiles of at most N tokens and the projections on one group's heads; that the recomputed
+blocks wrote their input gradients over their output gradients (the memory they save);
+and that other layer shapes and groups that do not fit get a clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar import SeqparError
-from seqpar.model import enable_checkpointing, parallelize, shard_batch
+from seqpar.model import enable_checkpointing, parallelize, recomputed_layer, shard_batch
 from seqpar.model.rope import restore_rope
 from seqpar.parallel import init_mesh
 
@@ -75,6 +77,25 @@ def _record_tile_lengths(model) -> tuple[list, list]:
     return seen, widths
 
 
+@contextlib.contextmanager
+def _record_gradient_reuse():
+    """Whether each recomputed block (the final norm; in head groups every layer's MLP
+    block) wrote its input gradient over its output gradient, as it should when nothing
+    else holds that: the memory the blocks save depends on it."""
+    reused, plain = [], recomputed_layer._over_dy
+
+    def over_dy(x, dy, residual):
+        into = plain(x, dy, residual)
+        reused.append(into is dy)
+        return into
+
+    recomputed_layer._over_dy = over_dy
+    try:
+        yield reused
+    finally:
+        recomputed_layer._over_dy = plain
+
+
 def tiled_layer_cases():
     failures = []
     world = dist.get_world_size()
@@ -89,7 +110,10 @@ def tiled_layer_cases():
         want_loss, want_grads = _loss_and_grads(base, input_ids, checkpointing, layout)
         tiled = parallelize(copy.deepcopy(reference), init_mesh(world), tiled_layer=TILE, **kw)
         lengths, widths = _record_tile_lengths(tiled)
-        loss, grads = _loss_and_grads(tiled, input_ids, checkpointing, layout)
+        with _record_gradient_reuse() as reused:
+            loss, grads = _loss_and_grads(tiled, input_ids, checkpointing, layout)
+        if not reused or not all(reused):
+            failures.append(f"{name}: an input gradient was not written over its output gradient: {reused}")
         config = reference.config
         group_width = config.num_attention_heads // kw.get("head_groups", 1) * config.head_dim
         if set(widths) != {group_width}:
