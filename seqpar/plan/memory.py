@@ -143,8 +143,8 @@ def saved_per_layer_token(shape: ModelShape, b: int, *, tiled_mlp: bool = False,
     log-sum-exp per head (seqpar's op and transformers' SDPA path alike: SDPA's GQA
     expansion is a view). MLP: gate, up, act(gate), act*up; none with the tiled MLP.
     The tiled layer keeps only its input (the tiles' checkpoints) and attention's tensors;
-    in head groups, its input and the residual after attention (each group's checkpoint
-    and stage 3's keep only those).
+    in head groups, its input and the residual after attention (all the recomputed layer
+    keeps when the layer is not checkpointed).
     """
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     attention = b * (2 * q + 2 * kv) + 4 * shape.heads
