@@ -198,9 +198,9 @@ class _TiledLayer:
         parts = [(lambda *xs, group=group: self.attend(xs, bounds, cos, sin, kwargs, group),
                   partial(self.project_group, group=group))
                  for group in head_groups(self.heads, self.kv_heads, self.groups)]
-        checkpointed = self.layer.gradient_checkpointing and self.layer.training
         layer = self.layer
         f_params = [*layer.post_attention_layernorm.parameters(), *layer.mlp.parameters()]
+        checkpointed = layer.gradient_checkpointing and layer.training
         return recomputed_layer(hidden_states, parts, self.post_attention, self.tile_tokens, layer,
                                 list(self.attn.o_proj.parameters()), f_params, keep_h=not checkpointed)
 
