@@ -26,8 +26,10 @@ def _tiled_forward(plain_forward, tile_tokens: int):
 
 
 def tile_module(module, tile_tokens: int) -> bool:
-    """Run a per-token `module` (an MLP, an RMSNorm) over sequence tiles; False if it
-    already was."""
+    """Run a per-token `module` (an MLP, an RMSNorm) over sequence tiles, a checkpoint
+    per tile; False if it already was. (The tiled layer's final norm and blocks use
+    `recomputed_layer`, whose backward also writes the input gradient over the output
+    gradient; the tiled MLP stays as measured, README "Memory".)"""
     if getattr(module.forward, "seqpar_tiled", False):
         return False
     module.forward = _tiled_forward(module.forward, tile_tokens)
